@@ -1,0 +1,156 @@
+"""
+Building blocks shared by both models: the bottleneck residual block of the very deep VAE,
+diagonal Gaussians parameterised by (mean, log-sigma), and the two likelihoods (the discretized
+mixture of logistics for colour images, Bernoulli for binary ones).
+Facts: ../shared/DESIGN.md sections 1.2, 1.4 and 1.5.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# the bottleneck residual block (VDVAE section 3, DESIGN.md 1.2)
+
+def conv(c_in, c_out, k, zero_weight=False):
+    """A k x k conv with 'same' padding, zero bias, PyTorch's default weight init."""
+    c = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+    nn.init.zeros_(c.bias)
+    if zero_weight:
+        nn.init.zeros_(c.weight)
+    return c
+
+
+class Block(nn.Module):
+    """GELU -> 1x1 -> GELU -> 3x3 -> GELU -> 3x3 -> GELU -> 1x1, optionally x + f(x), then an
+    optional average pool. The middle convs are 1x1 at resolution <= 2. The last conv is zeroed
+    (zero_last) or its weight multiplied by `scale` (sqrt(1/N) for the residual towers)."""
+
+    def __init__(self, c_in, c_mid, c_out, res, residual=True, zero_last=False, scale=1.0, down=None):
+        super().__init__()
+        k = 3 if res > 2 else 1
+        self.conv1 = conv(c_in, c_mid, 1)
+        self.conv2 = conv(c_mid, c_mid, k)
+        self.conv3 = conv(c_mid, c_mid, k)
+        self.conv4 = conv(c_mid, c_out, 1, zero_weight=zero_last)
+        with torch.no_grad():
+            self.conv4.weight.mul_(scale)
+        self.residual, self.down = residual, down
+
+    def forward(self, x):
+        h = self.conv1(F.gelu(x))
+        h = self.conv2(F.gelu(h))
+        h = self.conv3(F.gelu(h))
+        h = self.conv4(F.gelu(h))
+        out = x + h if self.residual else h
+        if self.down:  # the encoder's `RdK` blocks pool after the residual add
+            out = F.avg_pool2d(out, self.down)
+        return out
+
+
+# -----------------------------------------------------------------------------
+# diagonal Gaussians, parameterised by (mean, log-sigma), elementwise
+
+def gaussian_sample(mean, logsigma, eps=None):
+    """Reparameterised draw z = mean + sigma * eps; eps ~ N(0, I) unless given."""
+    if eps is None:
+        eps = torch.randn_like(mean)
+    return mean + torch.exp(logsigma) * eps
+
+
+def gaussian_kl(mean_q, logsig_q, mean_p, logsig_p):
+    """KL(q || p) per element, analytic, no clamps (DESIGN.md 1.4 step 5)."""
+    return (-0.5 + logsig_p - logsig_q
+            + 0.5 * (torch.exp(2 * logsig_q) + (mean_q - mean_p) ** 2) * torch.exp(-2 * logsig_p))
+
+
+def gaussian_log_prob(z, mean, logsigma):
+    """log N(z; mean, sigma^2) per element."""
+    return -0.5 * math.log(2 * math.pi) - logsigma - 0.5 * ((z - mean) * torch.exp(-logsigma)) ** 2
+
+
+# -----------------------------------------------------------------------------
+# discretized mixture of logistics (PixelCNN++, as in VDVAE; DESIGN.md 1.5)
+# params: (B, 10M, H, W) = M mixture logits, then for each colour c in (R, G, B):
+# M means, M log-scales, M raw coefficients. Targets live in [-1, 1].
+
+def dmol_split(params, n_colours=3):
+    """-> logits (B, M, H, W); means, log_scales, coeffs each (B, 3, M, H, W)."""
+    B, C, H, W = params.shape
+    M = C // (3 * n_colours + 1)
+    logits = params[:, :M]
+    rest = params[:, M:].reshape(B, n_colours, 3, M, H, W)
+    means, log_scales, coeffs = rest.unbind(2)
+    return logits, means, log_scales.clamp(min=-7.0), torch.tanh(coeffs)
+
+
+def dmol_log_prob(params, target, bits=8):
+    """log p(x) of every pixel, joint over the colours: (B, H, W), in nats.
+    target (B, 3, H, W) on the grid 2k/(2^bits - 1) - 1."""
+    logits, means, log_scales, coeffs = dmol_split(params)
+    x = target.unsqueeze(2)                                                    # (B, 3, 1, H, W)
+    r, g = x[:, 0], x[:, 1]
+    # channel-autoregressive means on the ground truth: mu_G += c0 x_R; mu_B += c1 x_R + c2 x_G
+    means = torch.stack([means[:, 0],
+                         means[:, 1] + coeffs[:, 0] * r,
+                         means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g], 1)  # (B, 3, M, H, W)
+    levels = 2 ** bits - 1
+    half_bin = 1.0 / levels                                                    # 1/255 or 1/31
+    centered = x - means
+    inv_s = torch.exp(-log_scales)
+    plus_in = inv_s * (centered + half_bin)
+    min_in = inv_s * (centered - half_bin)
+    log_cdf_plus = plus_in - F.softplus(plus_in)                               # log sigmoid(plus_in): x = -1 edge
+    log_one_minus_cdf_min = -F.softplus(min_in)                                # log (1 - sigmoid(min_in)): x = 1 edge
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    mid_in = inv_s * centered
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    # interior bins: log of the CDF difference, or log pdf(mid) * bin width where that underflows
+    log_interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
+                               log_pdf_mid - math.log(levels / 2))
+    log_probs = torch.where(x < -0.999, log_cdf_plus,
+                            torch.where(x > 0.999, log_one_minus_cdf_min, log_interior))
+    log_probs = log_probs.sum(1) + F.log_softmax(logits, 1)                   # (B, M, H, W)
+    return torch.logsumexp(log_probs, 1)                                       # (B, H, W)
+
+
+def dmol_nll(params, target, bits=8):
+    """-log p(x) per image, summed over pixels and colours: (B,) nats."""
+    return -dmol_log_prob(params, target, bits).sum((1, 2))
+
+
+def dmol_sample(params, bits=8):
+    """Draw images on the [-1, 1] scale, (B, 3, H, W): Gumbel-max mixture choice, logistic draw,
+    channel-autoregressive means on the already-sampled colours, each clamped to [-1, 1]."""
+    logits, means, log_scales, coeffs = dmol_split(params)
+    u = torch.rand_like(logits).clamp(1e-5, 1 - 1e-5)
+    k = torch.argmax(logits - torch.log(-torch.log(u)), 1, keepdim=True)       # (B, 1, H, W)
+    pick = lambda t: torch.gather(t, 2, k.unsqueeze(1).expand(-1, 3, -1, -1, -1)).squeeze(2)
+    means, log_scales, coeffs = pick(means), pick(log_scales), pick(coeffs)    # (B, 3, H, W)
+    u = torch.rand_like(means).clamp(1e-5, 1 - 1e-5)
+    x = means + torch.exp(log_scales) * (torch.log(u) - torch.log1p(-u))
+    r = x[:, 0].clamp(-1, 1)
+    g = (x[:, 1] + coeffs[:, 0] * r).clamp(-1, 1)
+    b = (x[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g).clamp(-1, 1)
+    return torch.stack([r, g, b], 1)
+
+
+def to_uint8(x, bits=8):
+    """[-1, 1] -> uint8 on 0..255 via the nearest level of the 2^bits grid."""
+    levels = 2 ** bits - 1
+    k = torch.round((x.clamp(-1, 1) + 1) * levels / 2)
+    return (k * 255 / levels).round().to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# Bernoulli likelihood for binary images (MNIST, OMNIGLOT); params are logits (B, C, H, W)
+
+def bernoulli_nll(logits, target):
+    """-log p(x) per image: (B,) nats; target in {0, 1}."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction='none').sum((1, 2, 3))
+
+
+def bernoulli_sample(logits):
+    return torch.bernoulli(torch.sigmoid(logits)) * 2 - 1  # on the [-1, 1] scale like dmol_sample

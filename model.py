@@ -1,0 +1,295 @@
+"""
+The top-down hierarchical VAE: the very deep VAE (Child 2020), the backbone that the attentive VAE
+(attention.py) builds on. Facts: ../shared/DESIGN.md sections 1.1 to 1.6.
+
+A bottom-up encoder keeps one activation per resolution; a top-down decoder of stochastic layers
+walks from the coarsest resolution to the image. Layer l reads the decoder state x at its
+resolution and the encoder activation there:
+    posterior q(z_l | x, acts) and prior p(z_l | x) are diagonal Gaussians,
+    x <- resblock(x + prior_extra + z_proj(z_l)),
+and the loss is the negative ELBO, distortion + rate, in nats per dimension.
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import (Block, conv, gaussian_sample, gaussian_kl, dmol_nll, dmol_sample,
+                    bernoulli_nll, bernoulli_sample, to_uint8)
+
+# hyperparameters a config may leave out (names as in the reference code)
+DEFAULTS = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3,
+                no_bias_above=64, bits=8, likelihood='dmol', pad=0)
+REQUIRED = ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size')
+
+
+# -----------------------------------------------------------------------------
+# layout strings (DESIGN.md 1.1): "32x11,32d2,16x6" for the encoder, "1x1,4m1,4x2" for the decoder
+
+def parse_layout(layout, kind):
+    """-> list of (resolution, k) per block; k is the pool factor (encoder `RdK`), the mixin
+    resolution (decoder `RmM`), or None."""
+    letter = 'd' if kind == 'enc' else 'm'
+    blocks = []
+    for token in layout.split(','):
+        m = re.fullmatch(rf'(\d+)(?:x(\d+)|{letter}(\d+))?', token.strip())
+        if m is None or int(m[1]) < 1 or (m[2] is not None and int(m[2]) < 1):
+            forms = 'RxN, RdK or R' if kind == 'enc' else 'RxN, RmM or R'
+            raise ValueError(f"bad token '{token}' in {kind}_blocks '{layout}': expected {forms}")
+        res = int(m[1])
+        if m[2] is not None:
+            blocks += [(res, None)] * int(m[2])
+        else:
+            blocks.append((res, int(m[3]) if m[3] else None))
+    return blocks
+
+
+def check_layouts(config):
+    """Raise a one-line ValueError unless the encoder walks down from the image size and every
+    decoder layer has an encoder activation at its resolution and ends at the image size."""
+    size = config['image_size']
+    enc, dec = parse_layout(config['enc_blocks'], 'enc'), parse_layout(config['dec_blocks'], 'dec')
+    res = size
+    have = {size}
+    for r, down in enc:
+        if r != res:
+            raise ValueError(f"enc_blocks '{config['enc_blocks']}': block at {r} where the activation is {res}x{res}")
+        if down:
+            if res % down:
+                raise ValueError(f"enc_blocks '{config['enc_blocks']}': {res} is not divisible by {down}")
+            res //= down
+        have.add(res)
+    seen = set()
+    for r, mixin in dec:
+        if r not in have:
+            raise ValueError(f"dec_blocks '{config['dec_blocks']}': no encoder activation at {r}x{r} (encoder has {sorted(have)})")
+        if mixin is not None and (mixin not in seen or r % mixin):
+            raise ValueError(f"dec_blocks '{config['dec_blocks']}': {r}m{mixin} mixes in a resolution not decoded before")
+        seen.add(r)
+    if dec[-1][0] != size:
+        raise ValueError(f"dec_blocks '{config['dec_blocks']}' ends at {dec[-1][0]}x{dec[-1][0]}, not the image size {size}")
+
+
+def scale_depth(dec_blocks, depth):
+    """Rebuild a decoder layout with `depth` stochastic layers: one at each resolution, the rest
+    spread in the layout's proportions (largest remainder), same resolutions and mixins."""
+    blocks = parse_layout(dec_blocks, 'dec')
+    resolutions = list(dict.fromkeys(r for r, _ in blocks))        # in decoding order
+    if depth < len(resolutions):
+        raise ValueError(f"--depth {depth} is below the {len(resolutions)} resolutions of '{dec_blocks}'")
+    counts = [sum(r == q for q, _ in blocks) for r in resolutions]
+    spare, extra = depth - len(resolutions), [c - 1 for c in counts]
+    total = sum(extra) or 1
+    share = [spare * e / total if sum(extra) else spare / len(extra) for e in extra]
+    n = [int(s) for s in share]
+    for i in sorted(range(len(n)), key=lambda i: n[i] - share[i])[:spare - sum(n)]:
+        n[i] += 1
+    tokens, prev = [], None
+    for r, k in zip(resolutions, n):
+        tokens.append(f'{r}m{prev}' if prev else f'{r}')
+        tokens += [f'{r}x{k}'] if k else []
+        prev = r
+    return ','.join(tokens)
+
+
+# -----------------------------------------------------------------------------
+# encoder (DESIGN.md 1.3)
+
+class Encoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        w, blocks = config['width'], parse_layout(config['enc_blocks'], 'enc')
+        mid = int(w * config['bottleneck_multiple'])
+        self.stem = conv(config['image_channels'], w, 3)
+        self.blocks = nn.ModuleList([Block(w, mid, w, r, down=down, scale=math.sqrt(1 / len(blocks)))
+                                     for r, down in blocks])
+
+    def forward(self, x):
+        """x: (B, C, H, W) normalised image -> {resolution: last activation there, (B, w, r, r)}"""
+        x = self.stem(x)
+        acts = {x.shape[-1]: x}
+        for block in self.blocks:
+            x = block(x)
+            acts[x.shape[-1]] = x
+        return acts
+
+
+# -----------------------------------------------------------------------------
+# decoder (DESIGN.md 1.4)
+
+class DecoderLayer(nn.Module):
+    """One stochastic layer at resolution `res`."""
+
+    def __init__(self, config, res, mixin, n_layers):
+        super().__init__()
+        w, z = config['width'], config['zdim']
+        mid = int(w * config['bottleneck_multiple'])
+        self.res, self.mixin, self.zdim = res, mixin, z
+        scale = math.sqrt(1 / n_layers)
+        self.posterior = Block(2 * w, mid, 2 * z, res, residual=False)
+        self.prior = Block(w, mid, 2 * z + w, res, residual=False, zero_last=True)  # starts at N(0, I)
+        self.z_proj = conv(z, w, 1)
+        with torch.no_grad():
+            self.z_proj.weight.mul_(scale)
+        self.resblock = Block(w, mid, w, res, scale=scale)
+
+    def prior_params(self, x):
+        """x (B, w, r, r) -> prior mean, log-sigma (B, z, r, r) and x plus the prior's state update"""
+        mean_p, logsig_p, update = self.prior(x).split([self.zdim, self.zdim, x.shape[1]], 1)
+        return mean_p, logsig_p, x + update
+
+    def forward(self, x, act, eps=None, z=None):
+        """Posterior pass: sample z_l ~ q (or take the given z); return the new state, z and the
+        elementwise KL(q || p), (B, zdim, r, r)."""
+        mean_q, logsig_q = self.posterior(torch.cat([x, act], 1)).chunk(2, 1)
+        mean_p, logsig_p, x = self.prior_params(x)
+        if z is None:
+            z = gaussian_sample(mean_q, logsig_q, eps)
+        kl = gaussian_kl(mean_q, logsig_q, mean_p, logsig_p)
+        return self.resblock(x + self.z_proj(z)), z, kl
+
+    def generate(self, x, temperature=1.0, eps=None, z=None):
+        """Prior pass: z_l ~ p with sigma multiplied by the temperature, unless z is given."""
+        mean_p, logsig_p, x = self.prior_params(x)
+        if z is None:
+            eps = torch.randn_like(mean_p) if eps is None else eps
+            z = gaussian_sample(mean_p, logsig_p, eps * temperature)
+        return self.resblock(x + self.z_proj(z)), z
+
+
+class Decoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        w, layout = config['width'], parse_layout(config['dec_blocks'], 'dec')
+        self.width, self.image_size = w, config['image_size']
+        self.layers = nn.ModuleList([DecoderLayer(config, r, mixin, len(layout)) for r, mixin in layout])
+        # learned starting state per resolution (zeros above no_bias_above)
+        resolutions = sorted({r for r, _ in layout})
+        self.state = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, w, r, r))
+                                       for r in resolutions if r <= config['no_bias_above']})
+        self.gain = nn.Parameter(torch.ones(1, w, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, w, 1, 1))
+        out = 10 * config['num_mixtures'] if config['likelihood'] == 'dmol' else config['image_channels']
+        self.head = conv(w, out, 1)
+
+    def layer_input(self, xs, layer, n, like):
+        """The state at the layer's resolution, plus the nearest-upsampled coarser state for `RmM`."""
+        x = xs.get(layer.res)
+        if x is None:
+            x = like.new_zeros(n, self.width, layer.res, layer.res)
+        if layer.mixin is not None:
+            x = x + F.interpolate(xs[layer.mixin], scale_factor=layer.res // layer.mixin)
+        return x
+
+    def initial_states(self, n):
+        return {int(r): s.expand(n, -1, -1, -1) for r, s in self.state.items()}
+
+    def output(self, x):
+        """Final per-channel gain and bias, then the 1x1 likelihood head: (B, out, H, W)."""
+        return self.head(x * self.gain + self.bias)
+
+    def forward(self, acts, eps=None, latents=None):
+        """Posterior pass over encoder activations -> head params, per-layer z and KL lists."""
+        n = acts[self.image_size].shape[0]
+        xs, zs, kls = self.initial_states(n), [], []
+        for i, layer in enumerate(self.layers):
+            act = acts[layer.res]
+            x = self.layer_input(xs, layer, n, act)
+            given = latents[i] if latents is not None and i < len(latents) else None
+            xs[layer.res], z, kl = layer(x, act, eps[i] if eps is not None else None, given)
+            zs.append(z)
+            kls.append(kl)
+        return self.output(xs[self.image_size]), zs, kls
+
+    def generate(self, n, temperature=1.0, eps=None, latents=None):
+        """Prior pass: temperature is a number or one per layer; latents, if given, fix z of the
+        first len(latents) layers. -> head params (n, out, H, W)."""
+        like = self.gain
+        xs = self.initial_states(n)
+        for i, layer in enumerate(self.layers):
+            t = temperature[i] if isinstance(temperature, (list, tuple)) else temperature
+            x = self.layer_input(xs, layer, n, like)
+            given = latents[i] if latents is not None and i < len(latents) else None
+            xs[layer.res], _ = layer.generate(x, t, eps[i] if eps is not None else None, given)
+        return self.output(xs[self.image_size])
+
+
+# -----------------------------------------------------------------------------
+# the VAE
+
+class VAE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise ValueError(f'model config lacks {missing}')
+        self.config = {**DEFAULTS, **config}
+        if self.config['likelihood'] not in ('dmol', 'bernoulli'):
+            raise ValueError(f"likelihood must be 'dmol' or 'bernoulli', not {self.config['likelihood']!r}")
+        check_layouts(self.config)
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    def crop(self, t):
+        """Drop the padding (e.g. MNIST 28 -> 32) before the likelihood."""
+        p = self.config['pad']
+        return t[..., p:t.shape[-2] - p, p:t.shape[-1] - p] if p else t
+
+    def nll(self, params, target):
+        """-log p(x | z) per image, (B,) nats, over the unpadded image."""
+        params, target = self.crop(params), self.crop(target)
+        if self.config['likelihood'] == 'dmol':
+            return dmol_nll(params.float(), target.float(), self.config['bits'])
+        return bernoulli_nll(params.float(), target.float())
+
+    def forward(self, x, target, eps=None):
+        """x: encoder input, target: likelihood target, both (B, C, H, W); eps: optional noise per
+        layer (z = mean_q + sigma_q * eps). -> per image: distortion and rate in nats/dim (their sum
+        is the negative ELBO), kl (B, L) in nats per layer."""
+        params, _, kls = self.decoder(self.encoder(x), eps)
+        dims = self.crop(target[:1]).numel()
+        distortion = self.nll(params, target) / dims
+        kl = torch.stack([k.float().sum((1, 2, 3)) for k in kls], 1)   # (B, L)
+        return dict(distortion=distortion, rate=kl.sum(1) / dims, kl=kl)
+
+    @torch.no_grad()
+    def posterior_latents(self, x):
+        """Latents of every layer drawn from the posterior of images x: list of (B, z, r, r)."""
+        return self.decoder(self.encoder(x))[1]
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, latents=None):
+        """Images (n, C, H, W) uint8 from the prior (first layers fixed to `latents` if given)."""
+        params = self.crop(self.decoder.generate(n, temperature, latents=latents)).float()
+        if self.config['likelihood'] == 'dmol':
+            return to_uint8(dmol_sample(params, self.config['bits']), self.config['bits'])
+        return to_uint8(bernoulli_sample(params))
+
+
+# -----------------------------------------------------------------------------
+# weights of the official code (openai/vdvae) -> hvae
+
+def official_name(name):
+    """Map one parameter name of the official model onto hvae's, e.g.
+    decoder.dec_blocks.3.enc.c2.weight -> decoder.layers.3.posterior.conv2.weight."""
+    name = name.removeprefix('module.')
+    name = re.sub(r'\.c(\d)\.', r'.conv\1.', name)
+    for old, new in (('encoder.in_conv.', 'encoder.stem.'), ('encoder.enc_blocks.', 'encoder.blocks.'),
+                     ('decoder.dec_blocks.', 'decoder.layers.'), ('.enc.', '.posterior.'),
+                     ('.resnet.', '.resblock.'), ('decoder.out_net.out_conv.', 'decoder.head.')):
+        name = name.replace(old, new)
+    return name
+
+
+def load_official_vdvae(vae, state_dict):
+    """Load a state dict of the official code into `vae` (strict: every tensor must match)."""
+    mapped = {}
+    for name, t in state_dict.items():
+        if re.fullmatch(r'(module\.)?decoder\.bias_xs\.\d+', name):   # the starting state of resolution r
+            mapped[f'decoder.state.{t.shape[-1]}'] = t
+        else:
+            mapped[official_name(name)] = t
+    vae.load_state_dict(mapped, strict=True)
+    return vae
