@@ -293,3 +293,32 @@ def load_official_vdvae(vae, state_dict):
             mapped[official_name(name)] = t
     vae.load_state_dict(mapped, strict=True)
     return vae
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a plain dict of tensors and values (written by train.py), readable with weights_only
+
+CHECKPOINT_FORMAT = 1
+MODEL_KEYS = tuple(DEFAULTS) + REQUIRED   # the config keys that shape the network
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Read and check a checkpoint; a one-line error names the file and what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path}: no such checkpoint') from None
+    except Exception as e:
+        raise ValueError(f'{path} is not a readable hvae checkpoint ({type(e).__name__}: {str(e)[:120]})') from None
+    if not isinstance(ckpt, dict) or not {'config', 'model', 'format'} <= set(ckpt):
+        raise ValueError(f'{path} is not an hvae checkpoint (no config/model/format keys)')
+    if ckpt['format'] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, weights='ema'):
+    """Rebuild the network from the checkpoint's own config and load its EMA (or raw) weights."""
+    vae = VAE(ckpt['config'])
+    vae.load_state_dict(ckpt[weights] if ckpt.get(weights) is not None else ckpt['model'])
+    return vae

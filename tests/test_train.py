@@ -1,0 +1,237 @@
+"""train.py, sample.py and evaluate.py as a user runs them: end to end on the real CIFAR-10 files,
+exact resume, and a one-line error for every kind of bad input."""
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+import evaluate  # noqa: E402
+from model import VAE, load_checkpoint  # noqa: E402
+
+DATA = Path(os.environ.get('HVAE_DATA', ROOT.parent / 'shared' / 'data'))
+TINY = ['--preset', 'cpu', '--width', '16', '--zdim', '4', '--num_mixtures', '2', '--batch_size', '4',
+        '--enc_blocks', '32x1,32d2,16x1,16d4,4x1,4d4,1x1', '--dec_blocks', '1x1,4m1,16m4,32m16',
+        '--log_every', '2', '--no_download']
+
+
+def real_data():
+    if not (DATA / 'cifar-10-batches-py').is_dir():
+        pytest.fail(f'the offline CIFAR-10 copy is missing: looked in {DATA}/cifar-10-batches-py (set HVAE_DATA)')
+    return str(DATA)
+
+
+@pytest.fixture(scope='module')
+def fake_cifar(tmp_path_factory):
+    """A CIFAR-10 folder in the official pickle format with 40 images per batch."""
+    root = tmp_path_factory.mktemp('cifar')
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {'data': rng.randint(0, 256, (40, 3072), dtype=np.uint8), 'labels': [0] * 40}
+        with open(folder / name, 'wb') as f:
+            pickle.dump(batch, f, protocol=2)
+    return str(root)
+
+
+def run(*args, check=True):
+    """Run one of the scripts as a user would; returns the completed process."""
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{args[0]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
+    return p
+
+
+def error_line(p):
+    """A clean failure: non-zero exit, one line on stderr, no traceback."""
+    assert p.returncode != 0
+    assert 'Traceback' not in p.stderr, p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def test_end_to_end_on_real_cifar10_train_resume_sample_evaluate(tmp_path):
+    root, out = real_data(), tmp_path / 'run'
+    p = run('train.py', *TINY, '--data_root', root, '--out_dir', out, '--max_steps', '4')
+    assert 'step 4 |' in p.stdout and 'bpd' in p.stdout
+    p = run('train.py', *TINY, '--data_root', root, '--out_dir', out, '--max_steps', '6', '--resume')
+    assert 'resumed from step 4' in p.stdout and 'step 6 |' in p.stdout
+    ckpts = sorted(out.glob('ckpt-*.pt'))
+    assert [c.name for c in ckpts] == ['ckpt-00000004.pt', 'ckpt-00000006.pt']
+    ckpt = torch.load(ckpts[-1], weights_only=True)              # plain data only
+    assert ckpt['step'] == 6 and ckpt['config']['width'] == 16
+    records = [eval(l.replace('null', 'None')) for l in (out / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records] == [2, 4, 6]
+    assert all(math.isfinite(r['elbo_bpd']) and len(r['kl_per_layer']) == 4 for r in records)
+    png = tmp_path / 's.png'
+    run('sample.py', ckpts[-1], '--n', '3', '--temperature', '1.0', '0.5', '--out', png, '--scale', '1')
+    from PIL import Image
+    assert Image.open(png).size == (3 * 34 + 2, 2 * 34 + 2)    # 3 columns, 2 rows, 2-pixel gaps
+    run('sample.py', ckpts[-1], '--n', '2', '--recon_layers', '2', '--out', tmp_path / 'r.png')
+    p = run('evaluate.py', ckpts[-1], '--max_batches', '2')
+    assert 'test negative ELBO' in p.stdout and '(8 images, ema weights, step 6)' in p.stdout
+    bpd = float(p.stdout.split('negative ELBO: ')[1].split()[0])
+    assert 3.0 < bpd < 12.0
+
+
+def tiny_run(fake_cifar, out, steps, *extra):
+    train.main([*TINY, '--data_root', fake_cifar, '--out_dir', str(out), '--max_steps', str(steps), *extra])
+    return load_checkpoint(train.checkpoint_paths(str(out))[-1])
+
+
+def assert_same_tree(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tree(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tree(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_resume_is_exact_2n_steps_equal_n_plus_n(fake_cifar, tmp_path):
+    n = 5
+    whole = tiny_run(fake_cifar, tmp_path / 'whole', 2 * n)
+    tiny_run(fake_cifar, tmp_path / 'split', n)
+    split = tiny_run(fake_cifar, tmp_path / 'split', 2 * n, '--resume')
+    assert whole['step'] == split['step'] == 2 * n
+    for key in ('model', 'ema', 'optimizer', 'data', 'rng'):
+        assert_same_tree(whole[key], split[key])
+    assert whole['counts']['updates'] == split['counts']['updates'] == 2 * n
+
+
+def test_missing_data_folder_names_the_path_and_how_to_download(tmp_path):
+    p = run('train.py', *TINY, '--data_root', tmp_path / 'nowhere', '--out_dir', tmp_path / 'o', check=False)
+    line = error_line(p)
+    assert str(tmp_path / 'nowhere') in line and 'download' in line
+
+
+def test_corrupt_batch_file_is_a_one_line_error(fake_cifar, tmp_path):
+    root = tmp_path / 'bad'
+    (root / 'cifar-10-batches-py').mkdir(parents=True)
+    for f in Path(fake_cifar, 'cifar-10-batches-py').iterdir():
+        (root / 'cifar-10-batches-py' / f.name).write_bytes(f.read_bytes())
+    (root / 'cifar-10-batches-py' / 'data_batch_3').write_bytes(b'not a pickle')
+    line = error_line(run('train.py', *TINY, '--data_root', root, '--out_dir', tmp_path / 'o', check=False))
+    assert 'data_batch_3' in line
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--depth', '0'], '--depth'),
+    (['--depth', '2'], 'resolutions'),                   # the layout has 4 resolutions
+    (['--batch_size', '0'], 'batch_size'),
+    (['--dec_blocks', '1x1,4m1,16m4'], 'image size'),    # never reaches 32x32
+    (['--enc_blocks', '32x1,32y2'], "'32y2'"),
+])
+def test_impossible_flags_are_refused_before_training(tmp_path, flags, words):
+    line = error_line(run('train.py', *TINY, *flags, '--out_dir', tmp_path, '--dry_run', check=False))
+    assert words in line
+
+
+@pytest.mark.parametrize('flags', [['--dataset', 'svhn'], ['--preset', 'huge']])
+def test_unknown_dataset_or_preset_is_refused(flags):
+    p = run('train.py', *flags, '--dry_run', check=False)
+    assert p.returncode == 2 and 'invalid choice' in p.stderr
+
+
+def test_resume_with_another_configuration_names_the_mismatch(fake_cifar, tmp_path):
+    tiny_run(fake_cifar, tmp_path, 2)
+    p = run('train.py', *TINY, '--width', '32', '--data_root', fake_cifar, '--out_dir', tmp_path,
+            '--resume', check=False)
+    line = error_line(p)
+    assert 'ckpt-00000002.pt' in line and 'width=16' in line and '32' in line
+
+
+@pytest.mark.parametrize('content', [b'', b'garbage' * 100, None])
+def test_a_file_that_is_no_checkpoint_is_refused(tmp_path, content):
+    path = tmp_path / 'x.pt'
+    if content is None:
+        torch.save({'weights': torch.zeros(3)}, path)   # a torch file, but not ours
+    else:
+        path.write_bytes(content)
+    for script in ('evaluate.py', 'sample.py'):
+        line = error_line(run(script, path, check=False))
+        assert str(path) in line and 'checkpoint' in line
+
+
+def test_truncated_checkpoint_is_refused(fake_cifar, tmp_path):
+    ckpt = tiny_run(fake_cifar, tmp_path, 1)
+    path = Path(train.checkpoint_paths(str(tmp_path))[-1])
+    path.write_bytes(path.read_bytes()[:1000])
+    assert ckpt['step'] == 1
+    with pytest.raises(ValueError, match='not a readable hvae checkpoint'):
+        load_checkpoint(path)
+
+
+def test_nan_loss_skips_the_update_and_counts_it(fake_cifar, tmp_path, monkeypatch):
+    config = train.make_config(train.parse_args([*TINY, '--data_root', fake_cifar]))
+    import data
+    info = data.load_dataset('cifar10', fake_cifar, 32, False)
+    model = VAE(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    forward = VAE.forward
+    monkeypatch.setattr(VAE, 'forward', lambda self, x, t, eps=None: {
+        **(out := forward(self, x, t, eps)), 'distortion': out['distortion'] * float('nan')})
+    stats, skipped = train.train_step(model, optimizer, info['train'][:4], info, config)
+    assert skipped and math.isnan(stats['elbo'])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # and in a run: every step skipped, counted in the log, then the run stops
+    p = run('train.py', *TINY, '--data_root', fake_cifar, '--out_dir', tmp_path, '--max_steps', '50',
+            '--skip_threshold', '1e-9', '--max_skips_in_row', '4', check=False)
+    line = error_line(p)
+    assert '4 updates in a row skipped' in line and 'skip_threshold 1e-09' in line and 'grad norm' in line
+    ckpt = load_checkpoint(train.checkpoint_paths(str(tmp_path))[-1])
+    assert ckpt['counts']['skipped'] == 4 and ckpt['counts']['updates'] == 0
+
+
+def test_dry_run_prints_config_and_exact_parameter_count(tmp_path):
+    p = run('train.py', '--preset', 'cifar10', '--dry_run', '--out_dir', tmp_path / 'never')
+    assert '39,145,700 parameters' in p.stdout and '"width": 384' in p.stdout
+    assert not (tmp_path / 'never').exists()          # no files written
+
+
+def test_lr_warms_up_linearly_then_stays_constant():
+    config = dict(lr=1e-3, warmup_steps=100)
+    assert train.get_lr(0, config) == pytest.approx(1e-5)
+    assert train.get_lr(49, config) == pytest.approx(5e-4)
+    assert train.get_lr(99, config) == train.get_lr(10_000, config) == 1e-3
+
+
+def test_ema_warmup_follows_the_raw_weights_early_and_the_rate_later():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.zero_()
+        for p in b.parameters():
+            p.fill_(1.0)
+    train.update_ema(a, b, 1, dict(ema_rate=0.999, ema_warmup=True))   # decay 2/11
+    assert a.weight[0, 0].item() == pytest.approx(9 / 11)
+    train.update_ema(a, b, 10**6, dict(ema_rate=0.999, ema_warmup=False))
+    assert a.weight[0, 0].item() == pytest.approx(9 / 11 + (2 / 11) * 0.001)
+
+
+def test_evaluate_report_per_layer_kls_add_up_to_the_rate():
+    nelbo = torch.tensor([2.0, 2.2])
+    kl = torch.tensor([[1.0, 3.0, 0.0], [3.0, 5.0, 2.0]])      # nats per image
+    lines = evaluate.report(nelbo, kl, 3072, False, 'ema', 7, 'test')
+    per_layer = [float(l.split(':')[1].split()[0]) for l in lines[2:]]
+    rate = float(lines[1].split()[1])
+    assert sum(per_layer) == pytest.approx(rate, abs=2e-3)
+    assert rate == pytest.approx(7.0 / math.log(2), abs=1e-2)
+    assert f'{2.1 / math.log(2):.4f}' in lines[0]

@@ -1,0 +1,327 @@
+"""
+Train a hierarchical VAE and checkpoint it so that a run can stop and resume exactly.
+
+  python train.py --dataset cifar10 --depth 16                   # one GPU, or the CPU
+  python train.py --preset cpu --data_root ../shared/data --max_minutes 12
+  python train.py --preset cpu --out_dir runs/cpu --resume       # continue where it stopped
+
+One plain config dict (a preset, then the flags over it) builds the model and drives training;
+every checkpoint carries it, so sample.py and evaluate.py need nothing else.
+Recipe (DESIGN.md 1.7): AdamW, linear warm-up, EMA of the weights, gradient clipping, and updates
+skipped when the gradient norm is too large or not finite.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import data
+from model import VAE, MODEL_KEYS, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
+
+CIFAR10 = dict(enc_blocks='32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3',
+               dec_blocks='1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21')
+PRESETS = {
+    # the reference very deep VAE presets (DESIGN.md 1.8); batch_size is per process
+    'cifar10': dict(dataset='cifar10', image_size=32, width=384, zdim=16, **CIFAR10, num_mixtures=10,
+                    lr=2e-4, batch_size=16, grad_clip=200, skip_threshold=400, ema_rate=0.9999),
+    'imagenet32': dict(dataset='imagenet32', image_size=32, width=512, zdim=16, num_mixtures=10,
+                       enc_blocks='32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6',
+                       dec_blocks='1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40',
+                       lr=1.5e-4, batch_size=8, grad_clip=200, skip_threshold=300, ema_rate=0.999),
+    'imagenet64': dict(dataset='imagenet64', image_size=64, width=512, zdim=16, num_mixtures=10,
+                       enc_blocks='64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5',
+                       dec_blocks='1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12',
+                       lr=1.5e-4, batch_size=4, grad_clip=220, skip_threshold=380, ema_rate=0.999),
+    'ffhq256': dict(dataset='folder', image_size=256, bits=5, width=512, zdim=16, num_mixtures=10,
+                    enc_blocks='256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
+                    dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128',
+                    lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999),
+    # layouts from the reference's hps (70 stochastic layers); the reference narrows the 512 and
+    # 1024 resolutions, hvae keeps one width everywhere (see README)
+    'ffhq1024': dict(dataset='folder', image_size=1024, width=512, zdim=16, num_mixtures=2,
+                     enc_blocks='1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,'
+                                '16x7,16d2,8x5,8d2,4x5,4d4,1x4',
+                     dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,'
+                                '256m128,256x2,512m256,1024m512',
+                     lr=7e-5, batch_size=1, grad_clip=360, skip_threshold=500, ema_rate=0.999),
+    # binary MNIST, padded 28 -> 32, Bernoulli likelihood (as the attentive VAE paper)
+    'mnist': dict(dataset='mnist', image_size=32, image_channels=1, likelihood='bernoulli', pad=2,
+                  width=64, zdim=16, enc_blocks='32x1,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
+                  dec_blocks='1x1,4m1,4x2,8m4,8x3,16m8,16x3,32m16,32x1',
+                  lr=2e-3, batch_size=32, warmup_steps=20, grad_clip=200, skip_threshold=1000, ema_rate=0.999),
+    # a small CIFAR-10 model that learns visibly in minutes on 2 CPU cores
+    'cpu': dict(dataset='cifar10', image_size=32, width=64, zdim=16, num_mixtures=10,
+                enc_blocks='32x1,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
+                dec_blocks='1x1,4m1,4x2,8m4,8x3,16m8,16x3,32m16,32x1',
+                lr=2e-3, batch_size=32, warmup_steps=20, grad_clip=200, skip_threshold=1000, ema_rate=0.999,
+                eval_every=0, eval_batches=16),
+}
+DATASET_PRESET = {'cifar10': 'cifar10', 'mnist': 'mnist', 'imagenet32': 'imagenet32',
+                  'imagenet64': 'imagenet64', 'folder': 'ffhq256'}
+# what every preset shares unless it says otherwise
+BASE = dict(model='vdvae', bottleneck_multiple=0.25, image_channels=3, no_bias_above=64, bits=8,
+            likelihood='dmol', pad=0, data_root='data', download=True, warmup_steps=100,
+            weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, ema_warmup=True,
+            max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
+            eval_every=5000, eval_batches=0, save_every_minutes=30.0, keep=2, out_dir='out')
+# flags that only steer this run: a resumed run may change them, the rest must match
+RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
+            'eval_every', 'eval_batches', 'save_every_minutes', 'keep', 'out_dir')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', choices=sorted(PRESETS), help='default: the dataset\'s preset, else cifar10')
+    p.add_argument('--depth', type=int, help='number of stochastic layers (rebuilds dec_blocks)')
+    p.add_argument('--resume', action='store_true', help='continue from the latest checkpoint in --out_dir')
+    p.add_argument('--dry_run', action='store_true', help='build the model, print config and size, exit')
+    p.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available)')
+    p.add_argument('--no_download', dest='download', action='store_const', const=False)
+    p.add_argument('--no_ema_warmup', dest='ema_warmup', action='store_const', const=False)
+    p.add_argument('--dataset', choices=data.DATASETS)
+    # every other hyperparameter of the presets, typed by its default
+    for key, value in BASE.items():
+        if key not in ('download', 'ema_warmup'):
+            p.add_argument(f'--{key}', type=type(value))
+    for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'num_mixtures', 'image_size', 'lr',
+                'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
+        p.add_argument(f'--{key}', type=str if key.endswith('blocks') else float if key in
+                       ('lr', 'grad_clip', 'skip_threshold', 'ema_rate') else int)
+    return p.parse_args(argv)
+
+
+def make_config(args):
+    """Preset, then the flags given on the command line; checked for impossible values."""
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ('preset', 'depth', 'resume', 'dry_run', 'device')}
+    preset = args.preset or DATASET_PRESET.get(flags.get('dataset'), 'cifar10')
+    config = {**BASE, **PRESETS[preset], **flags, 'preset': preset}
+    if args.depth is not None:
+        if args.depth < 1:
+            raise ValueError(f'--depth must be at least 1, not {args.depth}')
+        config['dec_blocks'] = scale_depth(config['dec_blocks'], args.depth)
+    for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size'):
+        if config[key] < 1:
+            raise ValueError(f'--{key} must be at least 1, not {config[key]}')
+    if config['lr'] <= 0 or not 0 <= config['ema_rate'] < 1:
+        raise ValueError(f"need lr > 0 and 0 <= ema_rate < 1 (got lr {config['lr']}, ema_rate {config['ema_rate']})")
+    return config
+
+
+# -----------------------------------------------------------------------------
+# the optimisation recipe
+
+def get_lr(step, config):
+    """Linear warm-up over warmup_steps (the first step already gets lr/warmup), then constant."""
+    return config['lr'] * min(1.0, (step + 1) / max(1, config['warmup_steps']))
+
+
+@torch.no_grad()
+def update_ema(ema, model, updates, config):
+    """EMA of the weights; with ema_warmup the decay is min(rate, (1 + n) / (10 + n)) after n
+    updates, so that short runs are not dominated by the random init."""
+    rate = config['ema_rate']
+    if config['ema_warmup']:
+        rate = min(rate, (1 + updates) / (10 + updates))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - rate)
+
+
+def train_step(model, optimizer, batch, info, config):
+    """One step -> (stats, skipped). The update is skipped when the loss or the gradient norm is
+    not finite or the norm reaches skip_threshold."""
+    x, target = data.prepare(batch, info, config['bits'], config['pad'])
+    out = model(x, target)
+    loss = (out['distortion'] + out['rate']).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config['grad_clip']).item()
+    skipped = not (math.isfinite(loss.item()) and math.isfinite(grad_norm)
+                   and (config['skip_threshold'] <= 0 or grad_norm < config['skip_threshold']))
+    if not skipped:
+        optimizer.step()
+    stats = dict(elbo=loss.item(), distortion=out['distortion'].mean().item(),
+                 rate=out['rate'].mean().item(), grad_norm=grad_norm, kl=out['kl'].mean(0).tolist())
+    return stats, skipped
+
+
+@torch.no_grad()
+def evaluate(model, split, info, config, device, max_batches=0):
+    """Per-image negative ELBO (nats/dim) and per-layer KL over a split, in order; fresh posterior
+    draws, with the caller's RNG state left untouched."""
+    model.eval()
+    nelbo, kl = [], []
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(config['seed'])
+        for i, batch in enumerate(data.eval_batches(split, config['batch_size'], device)):
+            if max_batches and i >= max_batches:
+                break
+            out = model(*data.prepare(batch, info, config['bits'], config['pad']))
+            nelbo.append(out['distortion'] + out['rate'])
+            kl.append(out['kl'])
+    model.train()
+    return torch.cat(nelbo).cpu(), torch.cat(kl).cpu()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic (temp file + rename), plain data, exact resume
+
+def checkpoint_paths(out_dir):
+    return sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))
+
+
+def save_checkpoint(state, out_dir, keep):
+    path = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: the latest checkpoint is always a whole file
+    for old in checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
+        os.remove(old)
+    return path
+
+
+def rng_state(device):
+    state = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['cpu'])
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def resume_config(config, args, out_dir):
+    """The latest checkpoint in out_dir and its config; flags may change run keys only."""
+    paths = checkpoint_paths(out_dir)
+    if not paths:
+        raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
+    ckpt = load_checkpoint(paths[-1])
+    saved = ckpt['config']
+    given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
+    clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))
+             if k not in RUN_KEYS and saved.get(k) != config[k]]
+    if clash:
+        raise ValueError(f"{paths[-1]} was written by another configuration: {', '.join(clash)}")
+    return ckpt, {**saved, **{k: config[k] for k in RUN_KEYS if k in given}}
+
+
+# -----------------------------------------------------------------------------
+
+def log(record, path):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def fmt_time(seconds):
+    return f'{seconds / 3600:.1f}h' if seconds >= 3600 else f'{seconds / 60:.1f}m'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = make_config(args)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    ckpt = None
+    if args.resume:
+        ckpt, config = resume_config(config, args, config['out_dir'])
+    torch.manual_seed(config['seed'])
+    model = VAE(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.dry_run:
+        print(json.dumps({k: config[k] for k in sorted(config)}, indent=1))
+        print(f"model {config['model']}: {len(model.decoder.layers)} stochastic layers, {n_params:,} parameters")
+        return
+    out_dir = config['out_dir']
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f'--out_dir {out_dir} is not writable')
+    info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], config['download'])
+    batches = data.make_batches(info['train'], config['batch_size'], config['seed'], device=device)
+    ema = VAE(config).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config['lr'], weight_decay=config['weight_decay'],
+                                  betas=(config['adam_beta1'], config['adam_beta2']), eps=config['adam_eps'])
+    step, counts = 0, dict(updates=0, skipped=0, skips_in_row=0, elapsed=0.0)
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        batches.load_state_dict(ckpt['data'])
+        set_rng_state(ckpt['rng'], device)
+        step, counts = ckpt['step'], ckpt['counts']
+        print(f"resumed from step {step} of {checkpoint_paths(out_dir)[-1]}")
+    print(f"model {config['model']} ({config['preset']} preset): {len(model.decoder.layers)} stochastic layers, "
+          f"{n_params:,} parameters, {len(info['train']):,} training images, device {device}")
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    eval_split = info['valid'] if len(info['valid']) else info['test']
+
+    def save():
+        state = dict(format=CHECKPOINT_FORMAT, config=config, step=step, model=model.state_dict(),
+                     ema=ema.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state(device),
+                     data=batches.state_dict(), counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start))
+        return save_checkpoint(state, out_dir, config['keep'])
+
+    t_start = t_log = t_save = time.time()
+    window = []
+    while step < config['max_steps']:
+        for group in optimizer.param_groups:
+            group['lr'] = get_lr(step, config)
+        stats, skipped = train_step(model, optimizer, batches.next(), info, config)
+        step += 1
+        if skipped:
+            counts['skipped'] += 1
+            counts['skips_in_row'] += 1
+            if counts['skips_in_row'] >= config['max_skips_in_row']:
+                path = save()
+                sys.exit(f"stopping at step {step}: {counts['skips_in_row']} updates in a row skipped "
+                         f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {config['skip_threshold']}, "
+                         f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}")
+        else:
+            counts['updates'] += 1
+            counts['skips_in_row'] = 0
+            update_ema(ema, model, counts['updates'], config)
+        window.append(stats)
+        minutes = (counts['elapsed'] + time.time() - t_start) / 60
+        done = step >= config['max_steps'] or (config['max_minutes'] and minutes >= config['max_minutes'])
+        if step % config['log_every'] == 0 or done:
+            dt = time.time() - t_log
+            mean = {k: sum(s[k] for s in window) / len(window) for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
+            rec = dict(step=step, elbo_bpd=mean['elbo'] / math.log(2), distortion_bpd=mean['distortion'] / math.log(2),
+                       rate_bpd=mean['rate'] / math.log(2), grad_norm=mean['grad_norm'], skipped=counts['skipped'],
+                       lr=get_lr(step - 1, config), images_per_s=len(window) * config['batch_size'] / dt,
+                       minutes=minutes, kl_per_layer=[sum(s['kl'][i] for s in window) / len(window)
+                                                      for i in range(len(window[0]['kl']))])
+            eta = (config['max_steps'] - step) * dt / len(window)
+            if config['max_minutes']:
+                eta = min(eta, max(0.0, 60 * (config['max_minutes'] - minutes)))
+            print(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
+                  f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {counts['skipped']} | "
+                  f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}", flush=True)
+            log(rec, log_path)
+            window, t_log = [], time.time()
+        if config['eval_every'] and step % config['eval_every'] == 0 and not done:
+            nelbo, _ = evaluate(ema, eval_split, info, config, device, config['eval_batches'])
+            print(f"step {step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd on {len(nelbo)} images")
+            log(dict(step=step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo)), log_path)
+            t_log = time.time()
+        if done or time.time() - t_save >= 60 * config['save_every_minutes']:
+            print(f'saved {save()}')
+            t_save = time.time()
+        if done:
+            break
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        sys.exit(f'error: {e}')
