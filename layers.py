@@ -26,9 +26,13 @@ def conv(c_in, c_out, k, zero_weight=False):
 class Block(nn.Module):
     """GELU -> 1x1 -> GELU -> 3x3 -> GELU -> 3x3 -> GELU -> 1x1, optionally x + f(x), then an
     optional average pool. The middle convs are 1x1 at resolution <= 2. The last conv is zeroed
-    (zero_last) or its weight multiplied by `scale` (sqrt(1/N) for the residual towers)."""
+    (zero_last) or its weight multiplied by `scale` (sqrt(1/N) for the residual towers).
+    With c_out > c_in the residual covers the first c_in channels and the rest pass as they are
+    (the attentive VAE's keys and queries); `mixer` is an optional module applied to the
+    bottleneck features after the first conv (the attentive VAE's non-local block)."""
 
-    def __init__(self, c_in, c_mid, c_out, res, residual=True, zero_last=False, scale=1.0, down=None):
+    def __init__(self, c_in, c_mid, c_out, res, residual=True, zero_last=False, scale=1.0, down=None,
+                 mixer=None):
         super().__init__()
         k = 3 if res > 2 else 1
         self.conv1 = conv(c_in, c_mid, 1)
@@ -37,14 +41,20 @@ class Block(nn.Module):
         self.conv4 = conv(c_mid, c_out, 1, zero_weight=zero_last)
         with torch.no_grad():
             self.conv4.weight.mul_(scale)
-        self.residual, self.down = residual, down
+        self.residual, self.down, self.mixer = residual, down, mixer
 
     def forward(self, x):
         h = self.conv1(F.gelu(x))
+        if self.mixer is not None:
+            h = self.mixer(h)
         h = self.conv2(F.gelu(h))
         h = self.conv3(F.gelu(h))
         h = self.conv4(F.gelu(h))
-        out = x + h if self.residual else h
+        if self.residual:
+            c = x.shape[1]
+            out = x + h if h.shape[1] == c else torch.cat([x + h[:, :c], h[:, c:]], 1)
+        else:
+            out = h
         if self.down:  # the encoder's `RdK` blocks pool after the residual add
             out = F.avg_pool2d(out, self.down)
         return out

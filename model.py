@@ -16,12 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
 from layers import (Block, conv, gaussian_sample, gaussian_kl, dmol_nll, dmol_sample,
                     bernoulli_nll, bernoulli_sample, to_uint8)
 
 # hyperparameters a config may leave out (names as in the reference code)
 DEFAULTS = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3,
-                no_bias_above=64, bits=8, likelihood='dmol', pad=0)
+                no_bias_above=64, bits=8, likelihood='dmol', pad=0, post_upsample=1,
+                key_width=20, nonlocal_res='', nonlocal_width=32)
 REQUIRED = ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size')
 
 
@@ -68,8 +70,10 @@ def check_layouts(config):
         if mixin is not None and (mixin not in seen or r % mixin):
             raise ValueError(f"dec_blocks '{config['dec_blocks']}': {r}m{mixin} mixes in a resolution not decoded before")
         seen.add(r)
-    if dec[-1][0] != size:
-        raise ValueError(f"dec_blocks '{config['dec_blocks']}' ends at {dec[-1][0]}x{dec[-1][0]}, not the image size {size}")
+    if dec[-1][0] * config['post_upsample'] != size:
+        up = f" x post_upsample {config['post_upsample']}" if config['post_upsample'] > 1 else ''
+        raise ValueError(f"dec_blocks '{config['dec_blocks']}' ends at {dec[-1][0]}x{dec[-1][0]}{up}, "
+                         f"not the image size {size}")
 
 
 def scale_depth(dec_blocks, depth):
@@ -97,78 +101,162 @@ def scale_depth(dec_blocks, depth):
 # -----------------------------------------------------------------------------
 # encoder (DESIGN.md 1.3)
 
+def nonlocal_block(config, res, channels):
+    """The attentive VAE's non-local block for a residual cell at `res`, if that resolution is named."""
+    named = {int(r) for r in str(config['nonlocal_res']).split(',') if r.strip()}
+    return NonLocal(channels, config['nonlocal_width']) if res in named else None
+
+
+def key_width(config):
+    return config['key_width'] if config['model'] == 'attentive' else 0
+
+
 class Encoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         w, blocks = config['width'], parse_layout(config['enc_blocks'], 'enc')
-        mid = int(w * config['bottleneck_multiple'])
-        self.stem = conv(config['image_channels'], w, 3)
-        self.blocks = nn.ModuleList([Block(w, mid, w, r, down=down, scale=math.sqrt(1 / len(blocks)))
-                                     for r, down in blocks])
+        mid, d = int(w * config['bottleneck_multiple']), key_width(config)
+        self.width = w
+        self.stem = conv(config['image_channels'], w + d, 3)
+        self.blocks = nn.ModuleList([Block(w, mid, w + d, r, down=down, scale=math.sqrt(1 / len(blocks)),
+                                           mixer=nonlocal_block(config, r, mid)) for r, down in blocks])
 
     def forward(self, x):
-        """x: (B, C, H, W) normalised image -> {resolution: last activation there, (B, w, r, r)}"""
+        """x: (B, C, H, W) normalised image -> {resolution: [every feature there, data -> top]},
+        features (B, w, r, r), plus d key channels in the attentive VAE. The very deep VAE reads
+        the last one at each resolution."""
         x = self.stem(x)
-        acts = {x.shape[-1]: x}
+        feats = {x.shape[-1]: [x]}
         for block in self.blocks:
-            x = block(x)
-            acts[x.shape[-1]] = x
-        return acts
+            x = block(x[:, :self.width])
+            feats.setdefault(x.shape[-1], []).append(x)
+        return feats
 
 
 # -----------------------------------------------------------------------------
-# decoder (DESIGN.md 1.4)
+# decoder (DESIGN.md 1.4; attentive VAE: DESIGN.md 2.2 and 2.3)
+
+def resize(t, res):
+    return t if t.shape[-1] == res else F.interpolate(t, size=(res, res))  # nearest
+
 
 class DecoderLayer(nn.Module):
-    """One stochastic layer at resolution `res`."""
+    """One stochastic layer at resolution `res`. The attentive layer reads encoder feature `pair`."""
 
-    def __init__(self, config, res, mixin, n_layers):
+    def __init__(self, config, res, mixin, n_layers, pair=0, index=0):
         super().__init__()
-        w, z = config['width'], config['zdim']
+        w, z, d = config['width'], config['zdim'], key_width(config)
         mid = int(w * config['bottleneck_multiple'])
-        self.res, self.mixin, self.zdim = res, mixin, z
+        self.res, self.mixin, self.zdim, self.width, self.pair = res, mixin, z, w, pair
+        self.key_width = d
+        self.attentive = config['model'] == 'attentive'
         scale = math.sqrt(1 / n_layers)
-        self.posterior = Block(2 * w, mid, 2 * z, res, residual=False)
+        if self.attentive:
+            self.prior_attention = PriorAttention(w, d, first=index == 0, last=index == n_layers - 1)
+            self.posterior_attention = PosteriorAttention(w, d, z, res)
+        else:
+            self.posterior = Block(2 * w, mid, 2 * z, res, residual=False)
         self.prior = Block(w, mid, 2 * z + w, res, residual=False, zero_last=True)  # starts at N(0, I)
         self.z_proj = conv(z, w, 1)
         with torch.no_grad():
             self.z_proj.weight.mul_(scale)
-        self.resblock = Block(w, mid, w, res, scale=scale)
+        # eq. (4): the attentive layer's cell also emits the next layer's query and key (the last
+        # layer has no key: no layer after it reads one)
+        extra = 0 if not self.attentive else d * ((index < n_layers - 1) + (index < n_layers - 2))
+        self.resblock = Block(w, mid, w + extra, res, scale=scale, mixer=nonlocal_block(config, res, mid))
 
-    def prior_params(self, x):
-        """x (B, w, r, r) -> prior mean, log-sigma (B, z, r, r) and x plus the prior's state update"""
-        mean_p, logsig_p, update = self.prior(x).split([self.zdim, self.zdim, x.shape[1]], 1)
+    def condition(self, x, carry, attend=True):
+        """The prior's input: the state x (local model), or x with the depth-attended contexts of the
+        earlier layers (attentive; x and its key then join the memory)."""
+        if carry is None:
+            return x
+        memory, query, key = carry
+        prior_in = self.prior_attention(x, query if query is None else resize(query, self.res), memory, attend)
+        if key is not None:
+            self.prior_attention.remember(memory, x, resize(key, self.res))
+        return prior_in
+
+    def prior_params(self, prior_in, x):
+        """-> prior mean, log-sigma (B, z, r, r) and the state x plus the prior's update"""
+        mean_p, logsig_p, update = self.prior(prior_in).split([self.zdim, self.zdim, self.width], 1)
         return mean_p, logsig_p, x + update
 
-    def forward(self, x, act, eps=None, z=None):
-        """Posterior pass: sample z_l ~ q (or take the given z); return the new state, z and the
-        elementwise KL(q || p), (B, zdim, r, r)."""
-        mean_q, logsig_q = self.posterior(torch.cat([x, act], 1)).chunk(2, 1)
-        mean_p, logsig_p, x = self.prior_params(x)
+    def posterior_params(self, x, prior_in, feats, closer, mean_p, logsig_p, attend=True):
+        if not self.attentive:
+            return self.posterior(torch.cat([x, feats[self.res][-1]], 1)).chunk(2, 1)
+        # residual posterior (NVAE): offsets from the prior
+        d_mean, d_logsig = self.posterior_attention(feats[self.res][self.pair], closer, prior_in, x, attend)
+        return mean_p + d_mean, logsig_p + d_logsig
+
+    def emit(self, x, z, carry):
+        """x <- resblock(x + z_proj(z)); the attentive cell's extra channels are the next layer's
+        query and key."""
+        out = self.resblock(x + self.z_proj(z))
+        w, d = self.width, out.shape[1] - self.width
+        if d == 0:
+            return out, carry
+        key = out[:, w + d // 2:] if d > self.key_width else None
+        return out[:, :w], (carry[0], out[:, w:w + min(d, self.key_width)], key)
+
+    def forward(self, x, feats, carry=None, closer=None, eps=None, z=None, attend=True):
+        """Posterior pass: z_l ~ q (or the given z) -> new state, carry, z, elementwise KL(q || p)."""
+        prior_in = self.condition(x, carry, attend)
+        mean_p, logsig_p, x_new = self.prior_params(prior_in, x)
+        mean_q, logsig_q = self.posterior_params(x, prior_in, feats, closer, mean_p, logsig_p, attend)
         if z is None:
             z = gaussian_sample(mean_q, logsig_q, eps)
         kl = gaussian_kl(mean_q, logsig_q, mean_p, logsig_p)
-        return self.resblock(x + self.z_proj(z)), z, kl
+        x_new, carry = self.emit(x_new, z, carry)
+        return x_new, carry, z, kl
 
-    def generate(self, x, temperature=1.0, eps=None, z=None):
+    def generate(self, x, carry=None, temperature=1.0, eps=None, z=None, attend=True):
         """Prior pass: z_l ~ p with sigma multiplied by the temperature, unless z is given."""
-        mean_p, logsig_p, x = self.prior_params(x)
+        mean_p, logsig_p, x_new = self.prior_params(self.condition(x, carry, attend), x)
         if z is None:
             eps = torch.randn_like(mean_p) if eps is None else eps
             z = gaussian_sample(mean_p, logsig_p, eps * temperature)
-        return self.resblock(x + self.z_proj(z)), z
+        x_new, carry = self.emit(x_new, z, carry)
+        return x_new, carry, z
+
+
+def feature_counts(config):
+    """How many encoder features each resolution holds (the stem's output counts at the image size)."""
+    counts = {config['image_size']: 1}
+    for r, down in parse_layout(config['enc_blocks'], 'enc'):
+        out = r // down if down else r
+        counts[out] = counts.get(out, 0) + 1
+    return counts
 
 
 class Decoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         w, layout = config['width'], parse_layout(config['dec_blocks'], 'dec')
-        self.width, self.image_size = w, config['image_size']
-        self.layers = nn.ModuleList([DecoderLayer(config, r, mixin, len(layout)) for r, mixin in layout])
+        self.width, self.out_res = w, layout[-1][0]
+        self.attentive = config['model'] == 'attentive'
+        # the attentive layer i at resolution r reads encoder feature m - 1 - i there (top layers read
+        # the deepest features) and attends over the features closer to the data
+        counts, seen = feature_counts(config), {}
+        layers = []
+        for i, (r, mixin) in enumerate(layout):
+            pair = max(0, counts[r] - 1 - seen.get(r, 0))
+            seen[r] = seen.get(r, 0) + 1
+            layers.append(DecoderLayer(config, r, mixin, len(layout), pair, i))
+        self.layers = nn.ModuleList(layers)
         # learned starting state per resolution (zeros above no_bias_above)
         resolutions = sorted({r for r, _ in layout})
         self.state = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, w, r, r))
                                        for r in resolutions if r <= config['no_bias_above']})
+        if self.attentive:
+            d, r0 = config['key_width'], layout[0][0]
+            self.first_key = nn.Parameter(torch.zeros(1, d, r0, r0))   # layer 0's key: it has no cell before it
+            self.feature_norm = nn.ModuleDict({str(r): nn.ModuleList([ChannelNorm(w), ChannelNorm(d)])
+                                               for r in resolutions})
+        self.post = None
+        if config['post_upsample'] > 1:   # the attentive VAE's postprocess: upsample, one residual cell
+            mid = int(w * config['bottleneck_multiple'])
+            self.post_upsample = config['post_upsample']
+            self.post = Block(w, mid, w, config['image_size'])
         self.gain = nn.Parameter(torch.ones(1, w, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, w, 1, 1))
         out = 10 * config['num_mixtures'] if config['likelihood'] == 'dmol' else config['image_channels']
@@ -183,37 +271,55 @@ class Decoder(nn.Module):
             x = x + F.interpolate(xs[layer.mixin], scale_factor=layer.res // layer.mixin)
         return x
 
-    def initial_states(self, n):
-        return {int(r): s.expand(n, -1, -1, -1) for r, s in self.state.items()}
+    def start(self, n):
+        """The starting states {resolution: (n, w, r, r)} and the attentive carry (memory, query, key)."""
+        xs = {int(r): s.expand(n, -1, -1, -1) for r, s in self.state.items()}
+        carry = (DepthMemory(), None, self.first_key.expand(n, -1, -1, -1)) if self.attentive else None
+        return xs, carry
+
+    def closer_features(self, feats):
+        """Per layer: the LayerNormed encoder features closer to the data than its own (attentive)."""
+        if not self.attentive:
+            return [None] * len(self.layers)
+        normed = {}
+        for r, fs in feats.items():
+            if str(r) in self.feature_norm:
+                norm_v, norm_k = self.feature_norm[str(r)]
+                f = torch.stack(fs, 1)                                        # (B, m, w + d, r, r)
+                normed[r] = (norm_v(f[:, :, :self.width].flatten(0, 1)).unflatten(0, f.shape[:2]),
+                             norm_k(f[:, :, self.width:].flatten(0, 1)).unflatten(0, f.shape[:2]))
+        return [(normed[l.res][0][:, :l.pair], normed[l.res][1][:, :l.pair]) if l.pair else None
+                for l in self.layers]
 
     def output(self, x):
-        """Final per-channel gain and bias, then the 1x1 likelihood head: (B, out, H, W)."""
+        """(Postprocess,) final per-channel gain and bias, then the 1x1 likelihood head: (B, out, H, W)."""
+        if self.post is not None:
+            x = self.post(F.interpolate(x, scale_factor=self.post_upsample))
         return self.head(x * self.gain + self.bias)
 
-    def forward(self, acts, eps=None, latents=None):
-        """Posterior pass over encoder activations -> head params, per-layer z and KL lists."""
-        n = acts[self.image_size].shape[0]
-        xs, zs, kls = self.initial_states(n), [], []
-        for i, layer in enumerate(self.layers):
-            act = acts[layer.res]
-            x = self.layer_input(xs, layer, n, act)
+    def forward(self, feats, eps=None, latents=None, attend=True):
+        """Posterior pass over encoder features -> head params, per-layer z and KL lists."""
+        n = feats[self.out_res][0].shape[0]
+        (xs, carry), zs, kls = self.start(n), [], []
+        for i, (layer, closer) in enumerate(zip(self.layers, self.closer_features(feats))):
+            x = self.layer_input(xs, layer, n, feats[layer.res][0])
             given = latents[i] if latents is not None and i < len(latents) else None
-            xs[layer.res], z, kl = layer(x, act, eps[i] if eps is not None else None, given)
+            xs[layer.res], carry, z, kl = layer(x, feats, carry, closer, eps[i] if eps is not None else None,
+                                                given, attend)
             zs.append(z)
             kls.append(kl)
-        return self.output(xs[self.image_size]), zs, kls
+        return self.output(xs[self.out_res]), zs, kls
 
-    def generate(self, n, temperature=1.0, eps=None, latents=None):
+    def generate(self, n, temperature=1.0, eps=None, latents=None, attend=True):
         """Prior pass: temperature is a number or one per layer; latents, if given, fix z of the
         first len(latents) layers. -> head params (n, out, H, W)."""
-        like = self.gain
-        xs = self.initial_states(n)
+        xs, carry = self.start(n)
         for i, layer in enumerate(self.layers):
             t = temperature[i] if isinstance(temperature, (list, tuple)) else temperature
-            x = self.layer_input(xs, layer, n, like)
+            x = self.layer_input(xs, layer, n, self.gain)
             given = latents[i] if latents is not None and i < len(latents) else None
-            xs[layer.res], _ = layer.generate(x, t, eps[i] if eps is not None else None, given)
-        return self.output(xs[self.image_size])
+            xs[layer.res], carry, _ = layer.generate(x, carry, t, eps[i] if eps is not None else None, given, attend)
+        return self.output(xs[self.out_res])
 
 
 # -----------------------------------------------------------------------------
@@ -226,6 +332,8 @@ class VAE(nn.Module):
         if missing:
             raise ValueError(f'model config lacks {missing}')
         self.config = {**DEFAULTS, **config}
+        if self.config['model'] not in ('vdvae', 'attentive'):
+            raise ValueError(f"model must be 'vdvae' or 'attentive', not {self.config['model']!r}")
         if self.config['likelihood'] not in ('dmol', 'bernoulli'):
             raise ValueError(f"likelihood must be 'dmol' or 'bernoulli', not {self.config['likelihood']!r}")
         check_layouts(self.config)

@@ -15,6 +15,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -61,12 +62,31 @@ PRESETS = {
                 lr=2e-3, batch_size=32, warmup_steps=20, grad_clip=200, skip_threshold=1000, ema_rate=0.999,
                 eval_every=0, eval_batches=16),
 }
-DATASET_PRESET = {'cifar10': 'cifar10', 'mnist': 'mnist', 'imagenet32': 'imagenet32',
+# the attentive VAE (DESIGN.md 2.5): one latent scale at 16x16 after one downsample, 16 layers of
+# 20 channels, keys and queries of 20 channels, non-local blocks at 16x16; Adamax, warm-up from 1e-4
+# and cosine decay, KL weight 0.1 -> 1 over 16 epochs, flips, no clipping or skipping
+ATTENTIVE = dict(model='attentive', image_size=32, width=256, zdim=20, key_width=20,
+                 enc_blocks='32x1,32d2,16x16', dec_blocks='16x16', post_upsample=2, nonlocal_res='16',
+                 nonlocal_width=32, optimizer='adamax', lr=1e-2, adam_beta1=0.9, adam_beta2=0.999,
+                 adam_eps=1e-3, weight_decay=1.5e-4, lr_start=1e-4, warmup_epochs=5.0,
+                 lr_schedule='cosine', lr_min=1e-4, epochs=400.0, kl_weight_start=0.1,
+                 kl_warmup_epochs=16.0, batch_size=40, grad_clip=0.0, skip_threshold=0.0, ema_rate=0.999)
+PRESETS['attentive_cifar10'] = dict(ATTENTIVE, dataset='cifar10', num_mixtures=5, flip='hv')
+# binary MNIST with the attentive layout at width 128 (hvae's choice: DESIGN.md records no MNIST layout)
+PRESETS['attentive_mnist'] = dict(ATTENTIVE, dataset='mnist', width=128, image_channels=1,
+                                  likelihood='bernoulli', pad=2)
+# the `cpu` layout and recipe with depth-wise attention and non-local blocks at 16x16
+PRESETS['attentive_cpu'] = dict(PRESETS['cpu'], model='attentive', key_width=16, nonlocal_res='16',
+                                nonlocal_width=16)
+DATASET_PRESET = {'cifar10': 'attentive_cifar10', 'mnist': 'attentive_mnist', 'imagenet32': 'imagenet32',
                   'imagenet64': 'imagenet64', 'folder': 'ffhq256'}
 # what every preset shares unless it says otherwise
 BASE = dict(model='vdvae', bottleneck_multiple=0.25, image_channels=3, no_bias_above=64, bits=8,
             likelihood='dmol', pad=0, data_root='data', download=True, warmup_steps=100,
-            weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, ema_warmup=True,
+            key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1,
+            optimizer='adamw', weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8,
+            lr_start=0.0, warmup_epochs=0.0, lr_schedule='constant', lr_min=0.0, epochs=0.0,
+            kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,
             max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
             eval_every=5000, eval_batches=0, save_every_minutes=30.0, keep=2, out_dir='out')
 # flags that only steer this run: a resumed run may change them, the rest must match
@@ -84,9 +104,13 @@ def parse_args(argv=None):
     p.add_argument('--no_download', dest='download', action='store_const', const=False)
     p.add_argument('--no_ema_warmup', dest='ema_warmup', action='store_const', const=False)
     p.add_argument('--dataset', choices=data.DATASETS)
+    p.add_argument('--model', choices=('vdvae', 'attentive'), help='overrides the preset\'s model')
+    p.add_argument('--optimizer', choices=('adamw', 'adamax'))
+    p.add_argument('--lr_schedule', choices=('constant', 'cosine'))
+    p.add_argument('--flip', choices=('', 'h', 'hv'), help='random flips of training images')
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
-        if key not in ('download', 'ema_warmup'):
+        if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'num_mixtures', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
@@ -105,6 +129,10 @@ def make_config(args):
         if args.depth < 1:
             raise ValueError(f'--depth must be at least 1, not {args.depth}')
         config['dec_blocks'] = scale_depth(config['dec_blocks'], args.depth)
+        single = re.fullmatch(r'(\d+)(x\d+)?(,\1x\d+)?', config['dec_blocks'])
+        if config['model'] == 'attentive' and single:   # L layers at the latent scale, L encoder cells there
+            config['enc_blocks'] = re.sub(rf'(^|,){single[1]}x\d+$', rf'\g<1>{single[1]}x{args.depth}',
+                                          config['enc_blocks'])
     for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size'):
         if config[key] < 1:
             raise ValueError(f'--{key} must be at least 1, not {config[key]}')
@@ -116,9 +144,42 @@ def make_config(args):
 # -----------------------------------------------------------------------------
 # the optimisation recipe
 
-def get_lr(step, config):
-    """Linear warm-up over warmup_steps (the first step already gets lr/warmup), then constant."""
-    return config['lr'] * min(1.0, (step + 1) / max(1, config['warmup_steps']))
+def get_lr(step, config, steps_per_epoch=1):
+    """Linear warm-up from lr_start over the warm-up (the first step already moves), then constant
+    or cosine down to lr_min at the end of `epochs`. Stateless: nothing to save."""
+    warmup = config['warmup_epochs'] * steps_per_epoch or config['warmup_steps']
+    lr, start = config['lr'], config['lr_start']
+    if step < warmup:
+        return start + (lr - start) * (step + 1) / warmup
+    if config['lr_schedule'] == 'cosine':
+        progress = min(1.0, (step - warmup) / max(1.0, config['epochs'] * steps_per_epoch - warmup))
+        return config['lr_min'] + (lr - config['lr_min']) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+def get_kl_weight(step, config, steps_per_epoch=1):
+    """The training loss's weight on the rate: kl_weight_start rising linearly to 1 (1 throughout
+    by default). The reported ELBO never uses it."""
+    ramp = config['kl_warmup_epochs'] * steps_per_epoch
+    start = config['kl_weight_start']
+    return 1.0 if ramp <= 0 or step >= ramp else start + (1 - start) * step / ramp
+
+
+def make_optimizer(model, config):
+    kw = dict(lr=config['lr'], weight_decay=config['weight_decay'], eps=config['adam_eps'],
+              betas=(config['adam_beta1'], config['adam_beta2']))
+    if config['optimizer'] == 'adamax':   # the attentive VAE's: weight decay as an L2 penalty
+        return torch.optim.Adamax(model.parameters(), **kw)
+    return torch.optim.AdamW(model.parameters(), **kw)
+
+
+def flip(batch, mode):
+    """Random horizontal (and vertical) flips, one coin per image, on the batch's device."""
+    for dim, axis in (('h', 3), ('v', 2)):
+        if dim in mode:
+            coin = torch.rand(len(batch), device=batch.device) < 0.5
+            batch = torch.where(coin[:, None, None, None], batch.flip(axis), batch)
+    return batch
 
 
 @torch.no_grad()
@@ -132,20 +193,22 @@ def update_ema(ema, model, updates, config):
         e.lerp_(p, 1 - rate)
 
 
-def train_step(model, optimizer, batch, info, config):
+def train_step(model, optimizer, batch, info, config, kl_weight=1.0):
     """One step -> (stats, skipped). The update is skipped when the loss or the gradient norm is
-    not finite or the norm reaches skip_threshold."""
-    x, target = data.prepare(batch, info, config['bits'], config['pad'])
+    not finite or the norm reaches skip_threshold (0 turns clipping or skipping off)."""
+    x, target = data.prepare(flip(batch, config['flip']), info, config['bits'], config['pad'])
     out = model(x, target)
-    loss = (out['distortion'] + out['rate']).mean()
+    elbo = (out['distortion'] + out['rate']).mean()
+    loss = elbo if kl_weight == 1.0 else (out['distortion'] + kl_weight * out['rate']).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config['grad_clip']).item()
+    clip = config['grad_clip'] if config['grad_clip'] > 0 else float('inf')
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
     skipped = not (math.isfinite(loss.item()) and math.isfinite(grad_norm)
                    and (config['skip_threshold'] <= 0 or grad_norm < config['skip_threshold']))
     if not skipped:
         optimizer.step()
-    stats = dict(elbo=loss.item(), distortion=out['distortion'].mean().item(),
+    stats = dict(elbo=elbo.item(), kl_weight=kl_weight, distortion=out['distortion'].mean().item(),
                  rate=out['rate'].mean().item(), grad_norm=grad_norm, kl=out['kl'].mean(0).tolist())
     return stats, skipped
 
@@ -248,8 +311,8 @@ def main(argv=None):
     batches = data.make_batches(info['train'], config['batch_size'], config['seed'], device=device)
     ema = VAE(config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config['lr'], weight_decay=config['weight_decay'],
-                                  betas=(config['adam_beta1'], config['adam_beta2']), eps=config['adam_eps'])
+    optimizer = make_optimizer(model, config)
+    spe = batches.steps_per_epoch
     step, counts = 0, dict(updates=0, skipped=0, skips_in_row=0, elapsed=0.0)
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
@@ -274,8 +337,8 @@ def main(argv=None):
     window = []
     while step < config['max_steps']:
         for group in optimizer.param_groups:
-            group['lr'] = get_lr(step, config)
-        stats, skipped = train_step(model, optimizer, batches.next(), info, config)
+            group['lr'] = get_lr(step, config, spe)
+        stats, skipped = train_step(model, optimizer, batches.next(), info, config, get_kl_weight(step, config, spe))
         step += 1
         if skipped:
             counts['skipped'] += 1
@@ -291,13 +354,14 @@ def main(argv=None):
             update_ema(ema, model, counts['updates'], config)
         window.append(stats)
         minutes = (counts['elapsed'] + time.time() - t_start) / 60
-        done = step >= config['max_steps'] or (config['max_minutes'] and minutes >= config['max_minutes'])
+        done = (step >= config['max_steps'] or (config['epochs'] and step >= config['epochs'] * spe)
+                or (config['max_minutes'] and minutes >= config['max_minutes']))
         if step % config['log_every'] == 0 or done:
             dt = time.time() - t_log
             mean = {k: sum(s[k] for s in window) / len(window) for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
             rec = dict(step=step, elbo_bpd=mean['elbo'] / math.log(2), distortion_bpd=mean['distortion'] / math.log(2),
                        rate_bpd=mean['rate'] / math.log(2), grad_norm=mean['grad_norm'], skipped=counts['skipped'],
-                       lr=get_lr(step - 1, config), images_per_s=len(window) * config['batch_size'] / dt,
+                       lr=get_lr(step - 1, config, spe), kl_weight=stats['kl_weight'], images_per_s=len(window) * config['batch_size'] / dt,
                        minutes=minutes, kl_per_layer=[sum(s['kl'][i] for s in window) / len(window)
                                                       for i in range(len(window[0]['kl']))])
             eta = (config['max_steps'] - step) * dt / len(window)
