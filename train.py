@@ -81,7 +81,7 @@ PRESETS['attentive_cpu'] = dict(PRESETS['cpu'], model='attentive', key_width=16,
 DATASET_PRESET = {'cifar10': 'attentive_cifar10', 'mnist': 'attentive_mnist', 'imagenet32': 'imagenet32',
                   'imagenet64': 'imagenet64', 'folder': 'ffhq256'}
 # what every preset shares unless it says otherwise
-BASE = dict(model='vdvae', bottleneck_multiple=0.25, image_channels=3, no_bias_above=64, bits=8,
+BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3, no_bias_above=64, bits=8,
             likelihood='dmol', pad=0, data_root='data', download=True, warmup_steps=100,
             key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1,
             optimizer='adamw', weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8,
@@ -112,7 +112,7 @@ def parse_args(argv=None):
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip'):
             p.add_argument(f'--{key}', type=type(value))
-    for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'num_mixtures', 'image_size', 'lr',
+    for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
         p.add_argument(f'--{key}', type=str if key.endswith('blocks') else float if key in
                        ('lr', 'grad_clip', 'skip_threshold', 'ema_rate') else int)

@@ -235,3 +235,11 @@ def test_evaluate_report_per_layer_kls_add_up_to_the_rate():
     assert sum(per_layer) == pytest.approx(rate, abs=2e-3)
     assert rate == pytest.approx(7.0 / math.log(2), abs=1e-2)
     assert f'{2.1 / math.log(2):.4f}' in lines[0]
+
+
+def test_every_preset_builds_in_a_dry_run():
+    for preset in train.PRESETS:
+        config = train.make_config(train.parse_args(['--preset', preset]))
+        with torch.device('meta'):
+            vae = VAE(config)
+        assert len(vae.decoder.layers) >= 1 and config['preset'] == preset
