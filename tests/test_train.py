@@ -207,7 +207,7 @@ def test_dry_run_prints_config_and_exact_parameter_count(tmp_path):
 
 
 def test_lr_warms_up_linearly_then_stays_constant():
-    config = dict(lr=1e-3, warmup_steps=100)
+    config = dict(train.BASE, lr=1e-3, warmup_steps=100)
     assert train.get_lr(0, config) == pytest.approx(1e-5)
     assert train.get_lr(49, config) == pytest.approx(5e-4)
     assert train.get_lr(99, config) == train.get_lr(10_000, config) == 1e-3
