@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import model
-from test_model import DATA, closed_form_count, n_params, one_thread  # noqa: F401  (one_thread: autouse)
+from test_model import DATA, closed_form_count, n_params
 
 
 # -----------------------------------------------------------------------------
