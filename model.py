@@ -205,7 +205,7 @@ class DecoderLayer(nn.Module):
         mean_q, logsig_q = self.posterior_params(x, prior_in, feats, closer, mean_p, logsig_p, attend)
         if z is None:
             z = gaussian_sample(mean_q, logsig_q, eps)
-        kl = gaussian_kl(mean_q, logsig_q, mean_p, logsig_p)
+        kl = gaussian_kl(mean_q.float(), logsig_q.float(), mean_p.float(), logsig_p.float())  # fp32 under autocast
         x_new, carry = self.emit(x_new, z, carry)
         return x_new, carry, z, kl
 
