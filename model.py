@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
-from layers import (Block, conv, gaussian_sample, gaussian_kl, dmol_nll, dmol_sample,
+from layers import (Block, conv, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
                     bernoulli_nll, bernoulli_sample, to_uint8)
 
 # hyperparameters a config may leave out (names as in the reference code)
@@ -198,14 +198,20 @@ class DecoderLayer(nn.Module):
         key = out[:, w + d // 2:] if d > self.key_width else None
         return out[:, :w], (carry[0], out[:, w:w + min(d, self.key_width)], key)
 
-    def forward(self, x, feats, carry=None, closer=None, eps=None, z=None, attend=True):
-        """Posterior pass: z_l ~ q (or the given z) -> new state, carry, z, elementwise KL(q || p)."""
+    def forward(self, x, feats, carry=None, closer=None, eps=None, z=None, attend=True, sampled_kl=False):
+        """Posterior pass: z_l ~ q (or the given z) -> new state, carry, z, elementwise KL(q || p):
+        analytic, or with sampled_kl the one-sample log q(z|x) - log p(z) at the drawn z (its
+        expectation is the KL; importance weights need it at the z that the likelihood saw)."""
         prior_in = self.condition(x, carry, attend)
         mean_p, logsig_p, x_new = self.prior_params(prior_in, x)
         mean_q, logsig_q = self.posterior_params(x, prior_in, feats, closer, mean_p, logsig_p, attend)
         if z is None:
             z = gaussian_sample(mean_q, logsig_q, eps)
-        kl = gaussian_kl(mean_q.float(), logsig_q.float(), mean_p.float(), logsig_p.float())  # fp32 under autocast
+        q, p = (mean_q.float(), logsig_q.float()), (mean_p.float(), logsig_p.float())  # fp32 under autocast
+        if sampled_kl:
+            kl = gaussian_log_prob(z.float(), *q) - gaussian_log_prob(z.float(), *p)
+        else:
+            kl = gaussian_kl(*q, *p)
         x_new, carry = self.emit(x_new, z, carry)
         return x_new, carry, z, kl
 
@@ -297,15 +303,16 @@ class Decoder(nn.Module):
             x = self.post(F.interpolate(x, scale_factor=self.post_upsample))
         return self.head(x * self.gain + self.bias)
 
-    def forward(self, feats, eps=None, latents=None, attend=True):
-        """Posterior pass over encoder features -> head params, per-layer z and KL lists."""
+    def forward(self, feats, eps=None, latents=None, attend=True, sampled_kl=False):
+        """Posterior pass over encoder features -> head params, per-layer z and KL lists (the KL
+        analytic, or sampled at z: see DecoderLayer.forward)."""
         n = feats[self.out_res][0].shape[0]
         (xs, carry), zs, kls = self.start(n), [], []
         for i, (layer, closer) in enumerate(zip(self.layers, self.closer_features(feats))):
             x = self.layer_input(xs, layer, n, feats[layer.res][0])
             given = latents[i] if latents is not None and i < len(latents) else None
             xs[layer.res], carry, z, kl = layer(x, feats, carry, closer, eps[i] if eps is not None else None,
-                                                given, attend)
+                                                given, attend, sampled_kl)
             zs.append(z)
             kls.append(kl)
         return self.output(xs[self.out_res]), zs, kls
@@ -352,11 +359,13 @@ class VAE(nn.Module):
             return dmol_nll(params.float(), target.float(), self.config['bits'])
         return bernoulli_nll(params.float(), target.float())
 
-    def forward(self, x, target, eps=None):
+    def forward(self, x, target, eps=None, sampled_kl=False):
         """x: encoder input, target: likelihood target, both (B, C, H, W); eps: optional noise per
         layer (z = mean_q + sigma_q * eps). -> per image: distortion and rate in nats/dim (their sum
-        is the negative ELBO), kl (B, L) in nats per layer."""
-        params, _, kls = self.decoder(self.encoder(x), eps)
+        is the negative ELBO), kl (B, L) in nats per layer. With sampled_kl each layer's KL is
+        log q(z|x) - log p(z) at the drawn z, so -(distortion + rate) * dims is the log importance
+        weight log p(x|z) + log p(z) - log q(z|x) of that z (the one-sample Monte Carlo ELBO)."""
+        params, _, kls = self.decoder(self.encoder(x), eps, sampled_kl=sampled_kl)
         dims = self.crop(target[:1]).numel()
         distortion = self.nll(params, target) / dims
         kl = torch.stack([k.float().sum((1, 2, 3)) for k in kls], 1)   # (B, L)
