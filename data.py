@@ -323,10 +323,13 @@ class Batches:
         return x
 
     def state_dict(self):
-        return {'epoch': self.epoch, 'index': self.index}
+        return {'epoch': self.epoch, 'index': self.index, 'global_batch': self.batch_size * self.world_size}
 
     def load_state_dict(self, state):
+        # the position counts images, so that a run may resume on another number of processes: with
+        # the same global batch (world_size x batch_size) every step sees the same images
         epoch, index = int(state['epoch']), int(state['index'])
+        index = index * int(state.get('global_batch', self.batch_size * self.world_size)) // (self.batch_size * self.world_size)
         if epoch < 0 or not 0 <= index < self.steps_per_epoch:
             raise ValueError(f'batch position {state} is outside this dataset ({self.steps_per_epoch} steps per epoch)')
         self.epoch, self.index = epoch, index
@@ -369,13 +372,16 @@ def make_batches(split, batch_size, seed=0, rank=0, world_size=1, device='cpu', 
         return FolderBatches(split, batch_size, seed, rank, world_size, num_workers, device)
     return Batches(split.to(device), batch_size, seed, rank, world_size)
 
-def eval_batches(split, batch_size, device='cpu', num_workers=2):
-    # every image once, in order, as uint8 (B, C, H, W) on device; the last batch may be smaller
+def eval_batches(split, batch_size, device='cpu', rank=0, world_size=1, num_workers=2):
+    # every image once (rank's share: every world_size-th), in order, as uint8 (B, C, H, W) on
+    # device; the last batch may be smaller
     if isinstance(split, ImageFolder):
-        loader = torch.utils.data.DataLoader(split, batch_size, num_workers=num_workers, collate_fn=collate)
+        share = torch.utils.data.Subset(split, range(rank, len(split), world_size))
+        loader = torch.utils.data.DataLoader(share, batch_size, num_workers=num_workers, collate_fn=collate)
         for x, _ in loader:
             if x is not None:
                 yield x.to(device)
     else:
-        for i in range(0, len(split), batch_size):
-            yield split[i:i + batch_size].to(device)
+        share = split[rank::world_size] if world_size > 1 else split
+        for i in range(0, len(share), batch_size):
+            yield share[i:i + batch_size].to(device)

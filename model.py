@@ -431,6 +431,15 @@ def load_checkpoint(path, map_location='cpu'):
         raise ValueError(f'{path} is not an hvae checkpoint (no config/model/format keys)')
     if ckpt['format'] != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}")
+    try:
+        with torch.device('meta'):   # shapes only, no memory
+            expected = {k: v.shape for k, v in VAE(ckpt['config']).state_dict().items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{path}: its config does not build a model ({e})') from None
+    got = {k: v.shape for k, v in ckpt['model'].items()}
+    wrong = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and expected[k] != got[k]]
+    if wrong:
+        raise ValueError(f'{path}: weights do not match its config ({len(wrong)} tensors differ, e.g. {wrong[0]})')
     return ckpt
 
 

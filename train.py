@@ -16,10 +16,15 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from model import VAE, MODEL_KEYS, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
@@ -88,10 +93,13 @@ BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_chan
             lr_start=0.0, warmup_epochs=0.0, lr_schedule='constant', lr_min=0.0, epochs=0.0,
             kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,
             max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
-            eval_every=5000, eval_batches=0, save_every_minutes=30.0, keep=2, out_dir='out')
+            eval_every=5000, eval_batches=0, save_every=0, save_every_minutes=30.0, keep=2, out_dir='out',
+            dtype='fp32', compile=False, channels_last=False)
 # flags that only steer this run: a resumed run may change them, the rest must match
+# (batch_size is per process: a run resumed on another number of processes may change it)
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
-            'eval_every', 'eval_batches', 'save_every_minutes', 'keep', 'out_dir')
+            'eval_every', 'eval_batches', 'save_every', 'save_every_minutes', 'keep', 'out_dir',
+            'batch_size', 'dtype', 'compile', 'channels_last')
 
 
 def parse_args(argv=None):
@@ -108,9 +116,13 @@ def parse_args(argv=None):
     p.add_argument('--optimizer', choices=('adamw', 'adamax'))
     p.add_argument('--lr_schedule', choices=('constant', 'cosine'))
     p.add_argument('--flip', choices=('', 'h', 'hv'), help='random flips of training images')
+    p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), help='autocast dtype of the network (default fp32)')
+    p.add_argument('--compile', action='store_const', const=True, help='torch.compile the model')
+    p.add_argument('--channels_last', action='store_const', const=True, help='channels-last memory format')
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
-        if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip'):
+        if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
+                       'channels_last'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
@@ -193,42 +205,105 @@ def update_ema(ema, model, updates, config):
         e.lerp_(p, 1 - rate)
 
 
-def train_step(model, optimizer, batch, info, config, kl_weight=1.0):
-    """One step -> (stats, skipped). The update is skipped when the loss or the gradient norm is
-    not finite or the norm reaches skip_threshold (0 turns clipping or skipping off)."""
+# -----------------------------------------------------------------------------
+# one process per device under torchrun: DDP averages the gradients; small all-reduces keep every
+# rank's decisions (skip, stop, save) identical
+
+def setup_distributed(device=None):
+    """-> (rank, world_size, device). Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) join the
+    process group, NCCL on CUDA and gloo on CPU; otherwise a single process."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if 'RANK' not in os.environ:
+        return 0, 1, device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_mean(t):
+    """Mean over ranks, in place; nothing to do in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def agree(device, *flags):
+    """Every flag becomes true on all ranks if it is true on any (a signal that reached one rank,
+    a clock that ran out on one node)."""
+    return [f > 0 for f in all_mean(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...]"""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def autocast(config, device):
+    """Mixed precision for the network; the likelihood and the KL stay fp32 (model.py)."""
+    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[config.get('dtype', 'fp32')]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def train_step(model, optimizer, batch, info, config, kl_weight=1.0, scaler=None):
+    """One step -> (stats, skipped). The update is skipped on every rank when the loss or the
+    gradient norm is not finite on any rank, or the norm reaches skip_threshold (0 turns clipping
+    or skipping off). The stats are means over ranks."""
     x, target = data.prepare(flip(batch, config['flip']), info, config['bits'], config['pad'])
-    out = model(x, target)
+    if config['channels_last']:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(config, x.device):
+        out = model(x, target)
     elbo = (out['distortion'] + out['rate']).mean()
     loss = elbo if kl_weight == 1.0 else (out['distortion'] + kl_weight * out['rate']).mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (scaler.scale(loss) if scaler else loss).backward()   # DDP: gradients averaged over ranks here
+    if scaler:
+        scaler.unscale_(optimizer)
     clip = config['grad_clip'] if config['grad_clip'] > 0 else float('inf')
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    skipped = not (math.isfinite(loss.item()) and math.isfinite(grad_norm)
-                   and (config['skip_threshold'] <= 0 or grad_norm < config['skip_threshold']))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if config['skip_threshold'] > 0:
+        bad |= grad_norm >= config['skip_threshold']
+    # (5 + L,): one all-reduce carries the stats and whether any rank wants to skip
+    values = all_mean(torch.cat([torch.stack([elbo, out['distortion'].mean(), out['rate'].mean(), grad_norm,
+                                              bad.float()]).detach().float(), out['kl'].detach().mean(0)])).tolist()
+    skipped = values[4] > 0
     if not skipped:
-        optimizer.step()
-    stats = dict(elbo=elbo.item(), kl_weight=kl_weight, distortion=out['distortion'].mean().item(),
-                 rate=out['rate'].mean().item(), grad_norm=grad_norm, kl=out['kl'].mean(0).tolist())
+        scaler.step(optimizer) if scaler else optimizer.step()
+    if scaler:
+        scaler.update()
+    stats = dict(elbo=values[0], kl_weight=kl_weight, distortion=values[1], rate=values[2],
+                 grad_norm=values[3], kl=values[5:])
     return stats, skipped
 
 
 @torch.no_grad()
 def evaluate(model, split, info, config, device, max_batches=0):
-    """Per-image negative ELBO (nats/dim) and per-layer KL over a split, in order; fresh posterior
-    draws, with the caller's RNG state left untouched."""
+    """Per-image negative ELBO (nats/dim) and per-layer KL (N, L) over a split; under torchrun each
+    rank takes every world_size-th image and the results are gathered. Fresh posterior draws, with
+    the caller's RNG state left untouched."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     nelbo, kl = [], []
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(config['seed'])
-        for i, batch in enumerate(data.eval_batches(split, config['batch_size'], device)):
-            if max_batches and i >= max_batches:
+        torch.manual_seed(config['seed'] + rank)
+        for i, batch in enumerate(data.eval_batches(split, config['batch_size'], device, rank, world)):
+            if max_batches and i >= -(-max_batches // world):
                 break
-            out = model(*data.prepare(batch, info, config['bits'], config['pad']))
+            with autocast(config, device):
+                out = model(*data.prepare(batch, info, config['bits'], config['pad']))
             nelbo.append(out['distortion'] + out['rate'])
             kl.append(out['kl'])
     model.train()
-    return torch.cat(nelbo).cpu(), torch.cat(kl).cpu()
+    parts = gather((torch.cat(nelbo).cpu(), torch.cat(kl).cpu()))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 # -----------------------------------------------------------------------------
@@ -239,15 +314,47 @@ def checkpoint_paths(out_dir):
 
 
 def save_checkpoint(state, out_dir, keep):
+    """Write ckpt-<step>.pt through a temp file, fsync and rename, so that a crash or a full disk
+    at any moment leaves the earlier checkpoints whole; then drop all but the last `keep`."""
     path = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
     tmp = path + '.tmp'
-    torch.save(state, tmp)
-    with open(tmp, 'rb') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: the latest checkpoint is always a whole file
+    try:
+        torch.save(state, tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        last = checkpoint_paths(out_dir)
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0][:160]}); "
+                      f"{'the latest checkpoint ' + last[-1] + ' is intact' if last else 'no earlier checkpoint'}") from None
+    os.replace(tmp, path)
+    fd = os.open(out_dir, os.O_RDONLY)
+    os.fsync(fd)   # the rename itself survives a power cut
+    os.close(fd)
     for old in checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
         os.remove(old)
     return path
+
+
+def check_out_dir(out_dir, n_params, resume):
+    """Fail before training, in one line: an out_dir we cannot write, too little disk for two
+    checkpoints, or earlier checkpoints that a fresh run would overwrite."""
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        with tempfile.TemporaryFile(dir=out_dir) as f:
+            f.write(b'0')
+    except OSError as e:
+        raise PermissionError(f'--out_dir {out_dir} is not writable ({e.strerror})') from None
+    need = 2 * 16 * n_params   # weights, EMA and two Adam moments in fp32, twice during a write
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise OSError(f'--out_dir {out_dir} has {free / 2**20:.0f} MiB free, a checkpoint needs about {need / 2**21:.0f} MiB (x2 while writing)')
+    if not resume and checkpoint_paths(out_dir):
+        raise ValueError(f'{out_dir} already holds checkpoints (latest {checkpoint_paths(out_dir)[-1]}): '
+                         'add --resume to continue that run, or choose another --out_dir')
+    for tmp in glob.glob(os.path.join(out_dir, 'ckpt-*.pt.tmp')):   # a write cut short by a crash
+        os.remove(tmp)
 
 
 def rng_state(device):
@@ -269,13 +376,27 @@ def resume_config(config, args, out_dir):
     if not paths:
         raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
     ckpt = load_checkpoint(paths[-1])
-    saved = ckpt['config']
+    saved = {**{k: BASE[k] for k in RUN_KEYS if k in BASE}, **ckpt['config']}
     given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
     clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))
              if k not in RUN_KEYS and saved.get(k) != config[k]]
     if clash:
         raise ValueError(f"{paths[-1]} was written by another configuration: {', '.join(clash)}")
-    return ckpt, {**saved, **{k: config[k] for k in RUN_KEYS if k in given}}
+    return ckpt, paths[-1], {**saved, **{k: config[k] for k in RUN_KEYS if k in given}}
+
+
+class StopSignal:
+    """SIGTERM or SIGINT: remember it, let the step finish, checkpoint, exit 0 (a second SIGINT
+    interrupts at once)."""
+
+    def __init__(self):
+        self.name = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
 # -----------------------------------------------------------------------------
@@ -285,6 +406,16 @@ def log(record, path):
         f.write(json.dumps(record) + '\n')
 
 
+def trim_log(path, step):
+    """A resumed run rewrites the records past its checkpoint (they will be logged again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [l for l in f if l.strip() and json.loads(l)['step'] <= step]
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(keep)
+        os.replace(path + '.tmp', path)
+
+
 def fmt_time(seconds):
     return f'{seconds / 3600:.1f}h' if seconds >= 3600 else f'{seconds / 60:.1f}m'
 
@@ -292,100 +423,137 @@ def fmt_time(seconds):
 def main(argv=None):
     args = parse_args(argv)
     config = make_config(args)
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    ckpt = None
-    if args.resume:
-        ckpt, config = resume_config(config, args, config['out_dir'])
+    rank, world, device = setup_distributed(args.device)
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    restarted = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0   # torchrun restarted the group
+    ckpt = ckpt_path = None
+    if args.resume or (restarted and checkpoint_paths(config['out_dir'])):
+        ckpt, ckpt_path, config = resume_config(config, args, config['out_dir'])
+    if config['dtype'] == 'fp16' and device.type != 'cuda':
+        raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
     torch.manual_seed(config['seed'])
     model = VAE(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     if args.dry_run:
-        print(json.dumps({k: config[k] for k in sorted(config)}, indent=1))
-        print(f"model {config['model']}: {len(model.decoder.layers)} stochastic layers, {n_params:,} parameters")
+        print0(json.dumps({k: config[k] for k in sorted(config)}, indent=1))
+        print0(f"model {config['model']}: {len(model.decoder.layers)} stochastic layers, {n_params:,} parameters")
         return
     out_dir = config['out_dir']
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f'--out_dir {out_dir} is not writable')
+    if rank == 0:
+        check_out_dir(out_dir, n_params, ckpt is not None or restarted)
     info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], config['download'])
-    batches = data.make_batches(info['train'], config['batch_size'], config['seed'], device=device)
+    batches = data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device)
     ema = VAE(config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type) if config['dtype'] == 'fp16' else None
     spe = batches.steps_per_epoch
     step, counts = 0, dict(updates=0, skipped=0, skips_in_row=0, elapsed=0.0)
+    torch.manual_seed(config['seed'] + rank)   # each rank its own noise (posterior draws, flips)
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
         batches.load_state_dict(ckpt['data'])
-        set_rng_state(ckpt['rng'], device)
+        if scaler and ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
         step, counts = ckpt['step'], ckpt['counts']
-        print(f"resumed from step {step} of {checkpoint_paths(out_dir)[-1]}")
-    print(f"model {config['model']} ({config['preset']} preset): {len(model.decoder.layers)} stochastic layers, "
-          f"{n_params:,} parameters, {len(info['train']):,} training images, device {device}")
+        if rank < len(ckpt['rng']):
+            set_rng_state(ckpt['rng'][rank], device)
+        else:   # more ranks than the run that wrote it
+            torch.manual_seed(config['seed'] + rank + 7919 * step)
+        print0(f'resumed from step {step} of {ckpt_path}')
+    if config['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    if config['compile']:
+        model.compile()   # in place: the state dict keeps its names
+    ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
+    print0(f"model {config['model']} ({config['preset']} preset): {len(model.decoder.layers)} stochastic layers, "
+           f"{n_params:,} parameters, {len(info['train']):,} training images, device {device}"
+           + (f", {world} processes x batch {config['batch_size']}" if world > 1 else ''))
     log_path = os.path.join(out_dir, 'log.jsonl')
+    if rank == 0:
+        trim_log(log_path, step)
     eval_split = info['valid'] if len(info['valid']) else info['test']
+    stop = StopSignal()
 
     def save():
         state = dict(format=CHECKPOINT_FORMAT, config=config, step=step, model=model.state_dict(),
-                     ema=ema.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state(device),
-                     data=batches.state_dict(), counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start))
-        return save_checkpoint(state, out_dir, config['keep'])
+                     ema=ema.state_dict(), optimizer=optimizer.state_dict(), rng=gather(rng_state(device)),
+                     data=batches.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start))
+        return save_checkpoint(state, out_dir, config['keep']) if rank == 0 else None
 
     t_start = t_log = t_save = time.time()
     window = []
     while step < config['max_steps']:
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step, config, spe)
-        stats, skipped = train_step(model, optimizer, batches.next(), info, config, get_kl_weight(step, config, spe))
+        stats, skipped = train_step(ddp, optimizer, batches.next(), info, config, get_kl_weight(step, config, spe), scaler)
         step += 1
         if skipped:
             counts['skipped'] += 1
             counts['skips_in_row'] += 1
             if counts['skips_in_row'] >= config['max_skips_in_row']:
                 path = save()
-                sys.exit(f"stopping at step {step}: {counts['skips_in_row']} updates in a row skipped "
-                         f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {config['skip_threshold']}, "
-                         f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}")
+                print0(f"stopping at step {step}: {counts['skips_in_row']} updates in a row skipped "
+                       f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {config['skip_threshold']}, "
+                       f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}", file=sys.stderr)
+                sys.exit(1)
         else:
             counts['updates'] += 1
             counts['skips_in_row'] = 0
             update_ema(ema, model, counts['updates'], config)
         window.append(stats)
         minutes = (counts['elapsed'] + time.time() - t_start) / 60
+        signalled, out_of_time, save_due = agree(
+            device, stop.name is not None, config['max_minutes'] and minutes >= config['max_minutes'],
+            (config['save_every'] and step % config['save_every'] == 0)
+            or time.time() - t_save >= 60 * config['save_every_minutes'])
         done = (step >= config['max_steps'] or (config['epochs'] and step >= config['epochs'] * spe)
-                or (config['max_minutes'] and minutes >= config['max_minutes']))
+                or out_of_time or signalled)
         if step % config['log_every'] == 0 or done:
             dt = time.time() - t_log
             mean = {k: sum(s[k] for s in window) / len(window) for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
+            bad_images = all_mean(torch.tensor([float(getattr(batches, 'skipped', 0))], device=device)).item() * world
             rec = dict(step=step, elbo_bpd=mean['elbo'] / math.log(2), distortion_bpd=mean['distortion'] / math.log(2),
                        rate_bpd=mean['rate'] / math.log(2), grad_norm=mean['grad_norm'], skipped=counts['skipped'],
-                       lr=get_lr(step - 1, config, spe), kl_weight=stats['kl_weight'], images_per_s=len(window) * config['batch_size'] / dt,
-                       minutes=minutes, kl_per_layer=[sum(s['kl'][i] for s in window) / len(window)
-                                                      for i in range(len(window[0]['kl']))])
+                       lr=get_lr(step - 1, config, spe), kl_weight=stats['kl_weight'],
+                       images_per_s=len(window) * config['batch_size'] * world / dt, minutes=minutes,
+                       kl_per_layer=[sum(s['kl'][i] for s in window) / len(window) for i in range(len(window[0]['kl']))])
+            if bad_images:
+                rec['unreadable_images'] = round(bad_images)
             eta = (config['max_steps'] - step) * dt / len(window)
             if config['max_minutes']:
                 eta = min(eta, max(0.0, 60 * (config['max_minutes'] - minutes)))
-            print(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
-                  f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {counts['skipped']} | "
-                  f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}", flush=True)
-            log(rec, log_path)
+            print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
+                   f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {counts['skipped']} | "
+                   f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}"
+                   + (f" | {rec['unreadable_images']} unreadable images skipped" if bad_images else ''), flush=True)
+            if rank == 0:
+                log(rec, log_path)
             window, t_log = [], time.time()
         if config['eval_every'] and step % config['eval_every'] == 0 and not done:
             nelbo, _ = evaluate(ema, eval_split, info, config, device, config['eval_batches'])
-            print(f"step {step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd on {len(nelbo)} images")
-            log(dict(step=step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo)), log_path)
+            print0(f"step {step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd on {len(nelbo)} images")
+            if rank == 0:
+                log(dict(step=step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo)), log_path)
             t_log = time.time()
-        if done or time.time() - t_save >= 60 * config['save_every_minutes']:
-            print(f'saved {save()}')
+        if done or save_due:
+            path = save()
+            print0(f'saved {path}' if not signalled else
+                   f'{stop.name or "a signal to another rank"}: stopped after step {step}, saved {path}; continue with --resume',
+                   flush=True)
             t_save = time.time()
         if done:
             break
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
 
 
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f'error: {e}')

@@ -1,5 +1,16 @@
+"""Shared by the test modules: one thread per test module, the tiny training configuration, a fake
+CIFAR-10 folder, and running the scripts as a user does."""
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -10,3 +21,61 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+DATA = Path(os.environ.get('HVAE_DATA', ROOT.parent / 'shared' / 'data'))
+TINY = ['--preset', 'cpu', '--width', '16', '--zdim', '4', '--num_mixtures', '2', '--batch_size', '4',
+        '--enc_blocks', '32x1,32d2,16x1,16d4,4x1,4d4,1x1', '--dec_blocks', '1x1,4m1,16m4,32m16',
+        '--log_every', '2', '--no_download']
+
+
+def real_data():
+    if not (DATA / 'cifar-10-batches-py').is_dir():
+        pytest.fail(f'the offline CIFAR-10 copy is missing: looked in {DATA}/cifar-10-batches-py (set HVAE_DATA)')
+    return str(DATA)
+
+
+@pytest.fixture(scope='module')
+def fake_cifar(tmp_path_factory):
+    """A CIFAR-10 folder in the official pickle format with 40 images per batch."""
+    root = tmp_path_factory.mktemp('cifar')
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {'data': rng.randint(0, 256, (40, 3072), dtype=np.uint8), 'labels': [0] * 40}
+        with open(folder / name, 'wb') as f:
+            pickle.dump(batch, f, protocol=2)
+    return str(root)
+
+
+def run(*args, check=True):
+    """Run one of the scripts as a user would; returns the completed process."""
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{args[0]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
+    return p
+
+
+def error_line(p):
+    """A clean failure: non-zero exit, one line on stderr, no traceback."""
+    assert p.returncode != 0
+    assert 'Traceback' not in p.stderr, p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def assert_same_tree(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tree(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tree(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b

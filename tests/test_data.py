@@ -387,7 +387,7 @@ def test_one_epoch_visits_each_image_at_most_once_and_drops_the_remainder():
     assert b.steps_per_epoch == 10
     seen = torch.cat([b.next().flatten() for _ in range(10)]).tolist()
     assert len(seen) == len(set(seen)) == 100
-    assert b.state_dict() == {'epoch': 1, 'index': 0} and b.epoch == 1
+    assert b.state_dict() == {'epoch': 1, 'index': 0, 'global_batch': 10} and b.epoch == 1
 
 
 def test_batches_follow_the_documented_permutation():
@@ -521,7 +521,7 @@ def test_folder_batches_count_skips_made_in_worker_processes(tmp_path):
     write_images(tmp_path)
     b = data.FolderBatches(data.ImageFolder(data.list_images(tmp_path), 8), 1, num_workers=2)
     good = [b.next() for _ in range(5)]  # one epoch is 7 single-image steps, 5 of them readable
-    assert all(x.shape == (1, 3, 8, 8) for x in good) and b.skipped == 2 and b.state_dict() == {'epoch': 1, 'index': 0}
+    assert all(x.shape == (1, 3, 8, 8) for x in good) and b.skipped == 2 and b.state_dict() == {'epoch': 1, 'index': 0, 'global_batch': 1}
 
 
 def test_folder_batches_resume_where_they_stopped(tmp_path):

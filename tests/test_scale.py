@@ -1,0 +1,152 @@
+"""Scale-out and mixed precision: torchrun DDP on CPU (gloo) against one process, checkpoints that
+move between process counts, autocast dtypes, channels_last, compile. The runs go through
+tests/faults.py, which is train.py with optional faults; `mean_z` removes the posterior noise, so
+that two runs that split the same images over processes differently can be compared exactly."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from model import VAE, load_checkpoint  # noqa: E402
+
+from conftest import TINY, error_line, run  # noqa: E402
+
+i = TINY.index('--batch_size')
+TINY = TINY[:i] + TINY[i + 2:]   # the tests choose the batch per process
+
+
+def launch(out, steps, batch, nproc=1, faults='mean_z', extra=(), check=True, data_root=None):
+    """train.py (through tests/faults.py) in 1 process or under torchrun with nproc processes."""
+    env = dict(os.environ, HVAE_FAULTS=faults, HVAE_DUMP=str(out / 'final'), OMP_NUM_THREADS='1')
+    args = ['tests/faults.py', *TINY, '--batch_size', str(batch), '--data_root', data_root, '--out_dir', str(out),
+            '--max_steps', str(steps), *extra]
+    if nproc > 1:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *args]
+    else:
+        cmd = [sys.executable, *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}')
+    return p
+
+
+def latest(out):
+    return load_checkpoint(train.checkpoint_paths(str(out))[-1])
+
+
+def assert_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+def test_two_processes_equal_one_process_with_the_doubled_batch(fake_cifar, tmp_path):
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    launch(one, 4, 8, data_root=fake_cifar)
+    p = launch(two, 4, 4, nproc=2, data_root=fake_cifar)
+    assert '2 processes x batch 4' in p.stdout
+    a, b = latest(one), latest(two)
+    assert_close(a['model'], b['model'])
+    assert_close(a['ema'], b['ema'])
+    assert a['data'] == b['data'] == {'epoch': 0, 'index': 4, 'global_batch': 8}
+    assert len(b['rng']) == 2                                         # every rank's noise stream is saved
+    ranks = [torch.load(two / f'final-rank{r}.pt', weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])   # both ranks hold the same weights
+    # one checkpoint and one log, written by rank 0: one record per logged step
+    assert sorted(f.name for f in two.iterdir() if not f.name.startswith('final')) == ['ckpt-00000004.pt', 'log.jsonl']
+    assert [json.loads(l)['step'] for l in (two / 'log.jsonl').read_text().splitlines()] == [2, 4]
+
+
+def test_checkpoint_of_two_processes_resumes_in_one_and_the_reverse(fake_cifar, tmp_path):
+    launch(tmp_path / 'ref', 6, 4, nproc=2, data_root=fake_cifar)             # never interrupted
+    launch(tmp_path / 'a', 3, 4, nproc=2, data_root=fake_cifar)               # 2 x 4, then 1 x 8
+    p = launch(tmp_path / 'a', 6, 8, extra=['--resume'], data_root=fake_cifar)
+    assert 'resumed from step 3' in p.stdout
+    launch(tmp_path / 'b', 3, 8, data_root=fake_cifar)                        # 1 x 8, then 2 x 4
+    launch(tmp_path / 'b', 6, 4, nproc=2, extra=['--resume'], data_root=fake_cifar)
+    ref = latest(tmp_path / 'ref')
+    for run_dir in ('a', 'b'):
+        ckpt = latest(tmp_path / run_dir)
+        assert ckpt['step'] == 6 and ckpt['data'] == ref['data']
+        assert_close(ref['model'], ckpt['model'])
+        assert_close(ref['ema'], ckpt['ema'])
+
+
+def test_one_rank_s_nan_loss_and_another_rank_s_inf_gradient_skip_on_every_rank(fake_cifar, tmp_path):
+    """Step 2: rank 1's loss is NaN; step 3: rank 0's gradient gets an inf after the all-reduce,
+    which only rank 0 sees. Both steps are skipped everywhere: the weights equal those of a run
+    stopped after step 1, on both ranks."""
+    launch(tmp_path / 'ref', 1, 4, nproc=2, data_root=fake_cifar)
+    launch(tmp_path / 'bad', 3, 4, nproc=2, faults='mean_z,nan_loss@2:1,inf_grad@3:0', extra=['--log_every', '1'],
+           data_root=fake_cifar)
+    ref, bad = latest(tmp_path / 'ref'), latest(tmp_path / 'bad')
+    assert bad['counts']['skipped'] == 2 and bad['counts']['updates'] == 1
+    assert_close(ref['model'], bad['model'], atol=0)
+    ranks = [torch.load(tmp_path / 'bad' / f'final-rank{r}.pt', weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    log = [json.loads(l) for l in (tmp_path / 'bad' / 'log.jsonl').read_text().splitlines()]
+    assert [r['skipped'] for r in log] == [0, 1, 2] and math.isnan(log[1]['elbo_bpd'])
+
+
+@pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
+def test_injected_inf_is_skipped_not_written_into_the_weights(fake_cifar, tmp_path, dtype):
+    launch(tmp_path / 'ref', 1, 4, extra=['--dtype', dtype], data_root=fake_cifar)
+    launch(tmp_path / 'inf', 2, 4, faults='mean_z,inf_grad@2', extra=['--dtype', dtype], data_root=fake_cifar)
+    ref, inf = latest(tmp_path / 'ref'), latest(tmp_path / 'inf')
+    assert inf['counts']['skipped'] == 1
+    assert_close(ref['model'], inf['model'], atol=0)
+    assert_close(ref['ema'], inf['ema'], atol=0)
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(fake_cifar, tmp_path):
+    p = run('train.py', *TINY, '--dtype', 'fp16', '--data_root', fake_cifar, '--out_dir', tmp_path, check=False)
+    assert 'fp16 needs a CUDA device' in error_line(p)
+
+
+def tiny_model():
+    config = train.make_config(train.parse_args(TINY))
+    torch.manual_seed(0)
+    return VAE(config), torch.randn(2, 3, 32, 32), torch.rand(2, 3, 32, 32) * 2 - 1
+
+
+def test_bf16_autocast_keeps_likelihood_and_kl_in_fp32_and_close_to_fp32():
+    vae, x, target = tiny_model()
+    eps = [torch.randn(2, 4, l.res, l.res) for l in vae.decoder.layers]
+    full = vae(x, target, eps)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        half = vae(x, target, eps)
+    assert all(half[k].dtype == torch.float32 for k in ('distortion', 'rate', 'kl'))
+    elbo = lambda out: (out['distortion'] + out['rate']).mean().item()
+    assert elbo(half) == pytest.approx(elbo(full), rel=2e-2)     # bf16 has 8 bits of mantissa
+    assert elbo(half) != elbo(full)                               # autocast did act
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    vae, x, target = tiny_model()
+    eps = [torch.randn(2, 4, l.res, l.res) for l in vae.decoder.layers]
+    out = vae(x, target, eps)
+    out['distortion'].sum().backward()
+    grads = [p.grad.clone() for p in vae.parameters()]
+    vae.zero_grad()
+    vae = vae.to(memory_format=torch.channels_last)
+    out_cl = vae(x.contiguous(memory_format=torch.channels_last), target, eps)
+    out_cl['distortion'].sum().backward()
+    assert torch.allclose(out['distortion'], out_cl['distortion'], atol=1e-5)
+    assert all(torch.allclose(g, p.grad.contiguous(), atol=1e-5) for g, p in zip(grads, vae.parameters()))
+
+
+def test_compiled_model_keeps_plain_state_dict_names():
+    vae, x, target = tiny_model()
+    names = list(vae.state_dict())
+    vae.compile(backend='eager')        # what --compile does, minus inductor's code generation
+    out = vae(x, target)
+    assert list(vae.state_dict()) == names and not any('_orig_mod' in n for n in names)
+    assert torch.isfinite(out['distortion']).all()
