@@ -4,6 +4,7 @@ Draw samples from a trained model into a PNG grid.
   python sample.py out/ckpt-00001000.pt                       # 8 x 8 samples at temperature 1
   python sample.py ckpt.pt --temperature 1.0 0.9 0.8 0.6     # one row per temperature
   python sample.py ckpt.pt --recon_layers 4                  # test images, first 4 layers from the posterior
+  python sample.py ckpt.pt --layers_figure --n 8             # VDVAE figure 4: rows fixing the first k layers
 
 The checkpoint carries its config; EMA weights by default (--weights model for the raw ones).
 A checkpoint written on a GPU samples on a CPU.
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import data
+import figures
 from model import load_checkpoint, model_from_checkpoint
 
 
@@ -47,13 +49,47 @@ def reconstructions(vae, config, k, n, device, temperature):
     return [images, vae.sample(len(images), temperature, latents=latents)]
 
 
+def layers_figure(vae, info, config, image, ks, n, temperature):
+    """The very deep VAE's figure 4: for each k, a row of the test image (uint8 (1, C, H, W)) then
+    n samples that share the latents of its posterior in the first k layers (one posterior draw,
+    the same in every row) and draw the rest from the prior at `temperature`.
+    -> rows of uint8 (1 + n, C, H, W), row labels."""
+    x, _ = data.prepare(image, info, config['bits'], config['pad'])
+    latents = vae.posterior_latents(x)                                  # list of (1, z, r, r)
+    rows = []
+    for k in ks:
+        fixed = [z.repeat(n, 1, 1, 1) for z in latents[:k]]
+        rows.append(torch.cat([image, vae.sample(n, temperature, latents=fixed).to(image.device)]))
+    return rows, [f'k = {k}' for k in ks]
+
+
+def default_ks(n_layers):
+    """0, 1, 2, 4, 8, ... and all the layers."""
+    ks = [0] + [2 ** i for i in range(n_layers.bit_length()) if 2 ** i < n_layers]
+    return ks + [n_layers]
+
+
+def save_layers_figure(rows, labels, path, scale, title, subtitle):
+    """The grid with a row label on the left and the columns named above."""
+    g = grid(rows)
+    g = g.repeat(scale, 0).repeat(scale, 1) if scale > 1 else g
+    cell = (rows[0].shape[-1] + 2) * scale
+    columns = {cell // 2 + scale: 'test image',
+               cell + (g.shape[1] - cell) // 2: 'samples: first k layers fixed, the rest from the prior'}
+    figures.labelled_grid(g, labels, title, subtitle, columns).save(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('checkpoint')
     p.add_argument('--n', type=int, default=8, help='images per row')
     p.add_argument('--rows', type=int, default=8, help='rows when a single temperature is given')
-    p.add_argument('--temperature', type=float, nargs='+', default=[1.0])
+    p.add_argument('--temperature', type=float, nargs='+', help='default 1.0 (0.6 for --layers_figure)')
     p.add_argument('--recon_layers', type=int, help='reconstruct test images from the first k layers')
+    p.add_argument('--layers_figure', action='store_true',
+                   help='rows that fix the first k layers to one test image\'s posterior latents')
+    p.add_argument('--layers', type=int, nargs='+', help='the k of each row (default 0, 1, 2, 4, ..., L)')
+    p.add_argument('--image_index', type=int, default=0, help='which test image --layers_figure uses')
     p.add_argument('--weights', choices=('ema', 'model'), default='ema')
     p.add_argument('--data_root', help='where the test images are (default: the training run\'s)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -63,6 +99,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < 1 or args.rows < 1:
         raise ValueError('--n and --rows must be at least 1')
+    temperature = args.temperature or [0.6 if args.layers_figure else 1.0]
     ckpt = load_checkpoint(args.checkpoint, map_location=args.device)
     config = {**ckpt['config'], **({'data_root': args.data_root} if args.data_root else {})}
     vae = model_from_checkpoint(ckpt, args.weights).to(args.device).eval()
@@ -70,11 +107,26 @@ def main(argv=None):
     if args.recon_layers is not None:
         if not 0 <= args.recon_layers <= len(vae.decoder.layers):
             raise ValueError(f'--recon_layers must be in 0..{len(vae.decoder.layers)}')
-        rows = reconstructions(vae, config, args.recon_layers, args.n, args.device, args.temperature[0])
+        rows = reconstructions(vae, config, args.recon_layers, args.n, args.device, temperature[0])
+    elif args.layers_figure:
+        L = len(vae.decoder.layers)
+        ks = args.layers or default_ks(L)
+        if not all(0 <= k <= L for k in ks):
+            raise ValueError(f'--layers must be in 0..{L}, got {ks}')
+        info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], False)
+        if not 0 <= args.image_index < len(info['test']):
+            raise ValueError(f"--image_index must be in 0..{len(info['test']) - 1}")
+        image = info['test'][args.image_index:args.image_index + 1].to(args.device)
+        rows, labels = layers_figure(vae, info, config, image, ks, args.n, temperature[0])
+        title = f'Each row: the first k of {L} layers from the test image\'s posterior'
+        subtitle = (f"the rest from the prior at temperature {temperature[0]:g}; {args.checkpoint}, "
+                    f"{args.weights} weights, step {ckpt['step']}, test image {args.image_index}")
+        save_layers_figure(rows, labels, args.out, args.scale, title, subtitle)
     else:
-        temps = args.temperature if len(args.temperature) > 1 else args.temperature * args.rows
+        temps = temperature if len(temperature) > 1 else temperature * args.rows
         rows = [vae.sample(args.n, t) for t in temps]
-    save_png(rows, args.out, args.scale)
+    if not args.layers_figure:
+        save_png(rows, args.out, args.scale)
     print(f"wrote {args.out}: {len(rows)} rows of {args.n}, {args.weights} weights of step {ckpt['step']}")
 
 

@@ -1,0 +1,110 @@
+"""
+The depth study: train the local (very deep VAE) and the attentive model at depths 2, 4, 8 and 16
+for a fixed number of steps each, evaluate each on the test split, and print a markdown table:
+this project's version of the attentive VAE paper's depth table (DESIGN.md 2.6: local model,
+L = 2, 4, 8, 16, 30 -> 3.50, 3.26, 3.06, 2.96, 2.91 bits/dim).
+
+  python depth_study.py --data_root ../shared/data --steps 250 --out_dir runs/depth
+  python depth_study.py --data_root ../shared/data --depths 2 4 --models local --steps 20   # a quick look
+
+Layout: the `cpu` preset's width, latent size and recipe (`attentive_cpu` for the attentive model)
+with all L stochastic layers at one latent scale, 16x16, after one downsample, and L encoder cells
+there (`--enc_blocks 32x1,32d2,16xL --dec_blocks 16xL --post_upsample 2`), as in the paper's depth
+study. The `cpu` preset's own multi-scale layout has 5 resolutions and so no 2- or 4-layer version.
+Each run lives in out_dir/MODEL-dL; a finished run is not trained again (delete its folder to redo it).
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PRESET = {'local': 'cpu', 'attentive': 'attentive_cpu'}
+
+
+def layout_flags(depth):
+    return ['--enc_blocks', f'32x1,32d2,16x{depth}', '--dec_blocks', f'16x{depth}', '--post_upsample', '2']
+
+
+def run(cmd, log):
+    """Run a script of this repository, appending its output to `log`; stop the study on failure."""
+    with open(log, 'a') as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed (exit {p.returncode}); see {log}")
+
+
+def train_and_evaluate(model, depth, args):
+    """-> the evaluation record of one (model, depth), training it first unless already done."""
+    out = os.path.join(args.out_dir, f'{model}-d{depth}')
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, 'study.log')
+    ckpt = os.path.join(out, f'ckpt-{args.steps:08d}.pt')
+    t0 = time.time()
+    if not os.path.exists(ckpt):
+        resume = ['--resume'] if glob.glob(os.path.join(out, 'ckpt-*.pt')) else []
+        run(['train.py', '--preset', PRESET[model], *layout_flags(depth), '--max_steps', str(args.steps),
+             '--batch_size', str(args.batch_size), '--data_root', args.data_root, '--no_download',
+             '--out_dir', out, '--log_every', '25', '--keep', '1', '--seed', str(args.seed), *resume], log)
+    result = os.path.join(out, 'eval.json')
+    if not os.path.exists(result):
+        run(['evaluate.py', ckpt, '--json', result, '--kl_png', os.path.join(out, 'kl.png'),
+             '--data_root', args.data_root, *(['--iw', str(args.iw)] if args.iw else [])], log)
+    with open(result) as f:
+        record = json.load(f)
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        record['train_minutes'] = [json.loads(l) for l in f if '"minutes"' in l][-1]['minutes']
+    print(f"{model} depth {depth}: {record['nelbo']:.3f} {record['unit']}, "
+          f"{len(record['active_layers'])}/{depth} active ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    return dict(record, model=model, depth=depth)
+
+
+def table(records, args):
+    """The results as a markdown table."""
+    iw = args.iw > 0
+    head = ['model', 'depth', 'params', 'steps', 'test bits/dim (neg. ELBO)']
+    head += [f'test bits/dim (IW, K = {args.iw})'] if iw else []
+    head += ['active layers', 'rate (bits/image)', 'train minutes']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in records:
+        row = [r['model'], str(r['depth']), f"{r['params']:,}", str(r['step']),
+               f"{r['nelbo']:.3f} +- {r['nelbo_se']:.3f}"]
+        row += [f"{r['iw_nll']:.3f} +- {r['iw_nll_se']:.3f}"] if iw else []
+        row += [f"{len(r['active_layers'])} / {r['depth']}", f"{r['rate_bits']:.0f}", f"{r['train_minutes']:.1f}"]
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data_root', default='data')
+    p.add_argument('--out_dir', default='runs/depth')
+    p.add_argument('--models', nargs='+', choices=sorted(PRESET), default=['local', 'attentive'])
+    p.add_argument('--depths', type=int, nargs='+', default=[2, 4, 8, 16])
+    p.add_argument('--steps', type=int, default=250, help='training steps per run (a fixed budget)')
+    p.add_argument('--batch_size', type=int, default=32)
+    p.add_argument('--iw', type=int, default=0, help='also the importance-weighted bound with K samples')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.iw < 0 or min(args.depths) < 1:
+        raise ValueError('need --steps, --batch_size and every depth >= 1, and --iw >= 0')
+    args.out_dir, args.data_root = os.path.abspath(args.out_dir), os.path.abspath(os.path.expanduser(args.data_root))
+    records = [train_and_evaluate(m, d, args) for m in args.models for d in args.depths]
+    text = table(records, args)
+    with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
+        f.write(text + '\n')
+    print(text)
+    print(f"active: KL of at least {100 * records[0]['active_share']:g}% of the rate; "
+          f"wrote {os.path.join(args.out_dir, 'table.md')}")
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f'error: {e}')
