@@ -71,7 +71,10 @@ def fmt(v):
 
 
 def canvas(width, height, title, subtitle=''):
-    """A white image with a title (and a smaller subtitle) at the top -> (image, draw)."""
+    """A white image with a title (and a smaller subtitle) at the top, widened to fit them
+    -> (image, draw)."""
+    measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    width = max(width, text_size(measure, title, font(22))[0] + 40, text_size(measure, subtitle, font(15))[0] + 40)
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
     draw.text((width // 2, 14), title, fill=INK, font=font(22), anchor='mt')
@@ -118,9 +121,10 @@ def bar_chart(values, path, title, subtitle='', ylabel='KL (bits per image)', xl
 # per-layer KL over training as a heatmap (the attentive VAE paper's figure)
 
 def heatmap(matrix, columns, path, title, subtitle='', scale_label='KL (bits per image)',
-            xlabel='training step', ylabel='layer (0 = top of the decoder)'):
+            xlabel='training step', ylabel='layer (0 = top of the decoder)', vmax=None):
     """matrix: (rows, cols), row 0 drawn at the top; columns: the x value of each column.
-    Colour from 0 to the largest value, with a labelled colour bar on the right."""
+    Colour from 0 to vmax (default: the largest value; larger values get the top colour and the
+    colour bar's top reads '>= vmax'), with a labelled colour bar on the right."""
     matrix = np.asarray(matrix, float)
     rows, cols = matrix.shape
     cell_h = max(12, min(36, 520 // rows))
@@ -129,7 +133,7 @@ def heatmap(matrix, columns, path, title, subtitle='', scale_label='KL (bits per
     plot_w, plot_h = cols * cell_w, rows * cell_h
     image, draw = canvas(max(left + plot_w + right, 700), top + plot_h + bottom, title, subtitle)
     x0, y0 = left, top
-    hi = max(matrix.max(), 1e-9)
+    hi = vmax or max(matrix.max(), 1e-9)
     for r in range(rows):
         for c in range(cols):
             draw.rectangle([x0 + c * cell_w, y0 + r * cell_h, x0 + (c + 1) * cell_w - 1, y0 + (r + 1) * cell_h - 1],
@@ -154,6 +158,8 @@ def heatmap(matrix, columns, path, title, subtitle='', scale_label='KL (bits per
         y = y0 + bh - 1 - (bh - 1) * t / hi
         draw.line([(bx + bw, y), (bx + bw + 5, y)], fill=INK)
         draw.text((bx + bw + 8, y), fmt(t), fill=INK, font=small, anchor='lm')
+    if matrix.max() > hi:
+        draw.text((bx + bw / 2, y0 - 6), f'>= {fmt(hi)}', fill=INK, font=small, anchor='mb')
     vertical_text(image, scale_label, font(15), (bx + bw + 75, y0 + bh / 2))
     image.save(path)
     return image
@@ -173,7 +179,7 @@ def read_kl_log(path):
     return steps, np.array(kls).T / math.log(2)      # nats -> bits
 
 
-def kl_heatmap(log_path, out, share=False, title=None):
+def kl_heatmap(log_path, out, share=False, title=None, vmax=None):
     steps, bits = read_kl_log(log_path)
     if share:   # each column: that window's share of the rate, in percent
         bits = 100 * bits / np.maximum(bits.sum(0, keepdims=True), 1e-12)
@@ -181,7 +187,9 @@ def kl_heatmap(log_path, out, share=False, title=None):
     title = title or f'KL per layer during training: {log_path}'
     subtitle = (f'{bits.shape[0]} layers; mean over each logging window of training batches; '
                 f'brighter = more {"of the rate" if share else "information"}')
-    return heatmap(bits, steps, out, title, subtitle, scale_label=what)
+    if vmax and bits.max() > vmax:
+        subtitle += f'; above {fmt(vmax)}: top colour'
+    return heatmap(bits, steps, out, title, subtitle, scale_label=what, vmax=vmax)
 
 
 # -----------------------------------------------------------------------------
@@ -211,8 +219,11 @@ def main(argv=None):
     h.add_argument('--out', default='kl_heatmap.png')
     h.add_argument('--share', action='store_true', help='colour by share of the rate instead of bits')
     h.add_argument('--title', help='default: names the log file')
+    h.add_argument('--vmax', type=float, help='top of the colour scale (default: the largest value)')
     args = p.parse_args(argv)
-    image = kl_heatmap(args.log, args.out, args.share, args.title)
+    if args.vmax is not None and args.vmax <= 0:
+        raise ValueError(f'--vmax must be positive, not {args.vmax}')
+    image = kl_heatmap(args.log, args.out, args.share, args.title, args.vmax)
     print(f'wrote {args.out} ({image.width}x{image.height})')
 
 
