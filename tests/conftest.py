@@ -11,6 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from model import load_checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -79,3 +81,29 @@ def assert_same_tree(a, b):
         assert torch.equal(a, b)
     else:
         assert a == b
+
+
+def launch(out, steps, batch, nproc=1, faults='mean_z', extra=(), check=True, data_root=None, torchrun=()):
+    """train.py through tests/faults.py (see there), in 1 process or under torchrun with nproc processes."""
+    env = dict(os.environ, HVAE_FAULTS=faults, HVAE_DUMP=str(out / 'final'), OMP_NUM_THREADS='1')
+    i = TINY.index('--batch_size')
+    args = ['tests/faults.py', *TINY[:i], *TINY[i + 2:], '--batch_size', str(batch), '--data_root', data_root, '--out_dir', str(out),
+            '--max_steps', str(steps), *extra]
+    if nproc > 1:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *torchrun, *args]
+    else:
+        cmd = [sys.executable, *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}')
+    return p
+
+
+def latest(out):
+    return load_checkpoint(sorted(out.glob('ckpt-*.pt'))[-1])
+
+
+def assert_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, worst

@@ -4,8 +4,6 @@ tests/faults.py, which is train.py with optional faults; `mean_z` removes the po
 that two runs that split the same images over processes differently can be compared exactly."""
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,36 +15,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from model import VAE, load_checkpoint  # noqa: E402
 
-from conftest import TINY, error_line, run  # noqa: E402
-
-i = TINY.index('--batch_size')
-TINY = TINY[:i] + TINY[i + 2:]   # the tests choose the batch per process
-
-
-def launch(out, steps, batch, nproc=1, faults='mean_z', extra=(), check=True, data_root=None):
-    """train.py (through tests/faults.py) in 1 process or under torchrun with nproc processes."""
-    env = dict(os.environ, HVAE_FAULTS=faults, HVAE_DUMP=str(out / 'final'), OMP_NUM_THREADS='1')
-    args = ['tests/faults.py', *TINY, '--batch_size', str(batch), '--data_root', data_root, '--out_dir', str(out),
-            '--max_steps', str(steps), *extra]
-    if nproc > 1:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *args]
-    else:
-        cmd = [sys.executable, *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f'{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}')
-    return p
-
-
-def latest(out):
-    return load_checkpoint(train.checkpoint_paths(str(out))[-1])
-
-
-def assert_close(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= atol, worst
-
+from conftest import TINY, error_line, run, launch, latest, assert_close  # noqa: E402
 
 def test_two_processes_equal_one_process_with_the_doubled_batch(fake_cifar, tmp_path):
     one, two = tmp_path / 'one', tmp_path / 'two'
