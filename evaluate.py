@@ -75,7 +75,7 @@ def log_weights(vae, x, target, eps):
 
 
 @torch.no_grad()
-def iw_nll(vae, x, target, k, chunk, generator):
+def iw_nll(vae, x, target, k, chunk, generator, progress=None):
     """The importance-weighted estimate of -log p(x), (B,) nats:
         -(logsumexp_k log w_k - log K),  z_k ~ q(z|x),
     drawn `chunk` samples per image per forward pass, with a running logsumexp so memory does
@@ -89,6 +89,8 @@ def iw_nll(vae, x, target, k, chunk, generator):
         eps = [torch.stack(per_layer, 1).flatten(0, 1) for per_layer in zip(*draws)]   # (B c, z, r, r), image-major
         log_w = log_weights(vae, x.repeat_interleave(c, 0), target.repeat_interleave(c, 0), eps).view(B, c)
         total = torch.logaddexp(total, log_w.logsumexp(1))
+        if progress is not None:
+            progress.add(B * c / k)
     return -(total - math.log(k))
 
 
@@ -97,21 +99,24 @@ def fmt_time(seconds):
 
 
 class Progress:
-    """A progress line with an ETA on stderr: rewritten in place on a terminal, else every 30 s."""
+    """A progress line with an ETA on stderr, counting images (fractions while an image's samples
+    are drawn): rewritten in place on a terminal, else a line every 30 s."""
 
     def __init__(self, total, what, every=30.0):
-        self.total, self.what, self.t0, self.last = total, what, time.time(), time.time()
+        self.total, self.what, self.done, self.t0, self.last = total, what, 0.0, time.time(), time.time()
         self.tty = sys.stderr.isatty()
         self.every = 1.0 if self.tty else every
 
-    def update(self, done):
-        now = time.time()
-        if now - self.last < self.every and done < self.total:
+    def add(self, images):
+        self.done += images
+        now, finished = time.time(), self.done >= self.total - 1e-6
+        if now - self.last < self.every and not finished:
             return
         self.last, elapsed = now, now - self.t0
-        eta = elapsed * (self.total - done) / max(done, 1)
-        line = f'{self.what}: {done}/{self.total} images, {fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}'
-        print(line, end='\r' if self.tty and done < self.total else '\n', file=sys.stderr, flush=True)
+        eta = elapsed * (self.total - self.done) / max(self.done, 1e-9)
+        line = (f'{self.what}: {self.done:.1f}/{self.total} images, {fmt_time(elapsed)} elapsed, '
+                f'eta {fmt_time(max(eta, 0))}')
+        print(line, end='\n' if finished or not self.tty else '\r', file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -139,8 +144,7 @@ def evaluate(vae, split, info, config, device, max_batches=0, iw=0, iw_chunk=1):
             nelbo.append(out['distortion'] + out['rate'])
             kl.append(out['kl'])
             if iw:
-                nll.append(iw_nll(vae, x, target, iw, iw_chunk, generator))
-                progress.update(sum(len(t) for t in nll))
+                nll.append(iw_nll(vae, x, target, iw, iw_chunk, generator, progress))
     return torch.cat(nelbo).cpu(), torch.cat(kl).cpu(), torch.cat(nll).cpu() if iw else None
 
 
