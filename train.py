@@ -218,8 +218,16 @@ def setup_distributed(device=None):
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return dist.get_rank(), dist.get_world_size(), device
+    # the store with a prefix per torchrun attempt: after a restart, the killed attempt's keys (its
+    # workers' addresses) must not be read by the new workers
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    agent_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world,
+                          is_master=rank == 0 and not agent_store, multi_tenant=not agent_store)
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank=rank, world_size=world,
+                            store=dist.PrefixStore(f'hvae/attempt{attempt}', store))
+    return rank, world, device
 
 
 def all_mean(t):
