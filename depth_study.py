@@ -4,7 +4,7 @@ for a fixed number of steps each, evaluate each on the test split, and print a m
 this project's version of the attentive VAE paper's depth table (DESIGN.md 2.6: local model,
 L = 2, 4, 8, 16, 30 -> 3.50, 3.26, 3.06, 2.96, 2.91 bits/dim).
 
-  python depth_study.py --data_root ../shared/data --steps 250 --out_dir runs/depth
+  python depth_study.py --data_root ../shared/data --steps 200 --out_dir runs/depth
   python depth_study.py --data_root ../shared/data --depths 2 4 --models local --steps 20   # a quick look
 
 Layout: the `cpu` preset's width, latent size and recipe (`attentive_cpu` for the attentive model)
@@ -12,6 +12,8 @@ with all L stochastic layers at one latent scale, 16x16, after one downsample, a
 there (`--enc_blocks 32x1,32d2,16xL --dec_blocks 16xL --post_upsample 2`), as in the paper's depth
 study. The `cpu` preset's own multi-scale layout has 5 resolutions and so no 2- or 4-layer version.
 Each run lives in out_dir/MODEL-dL; a finished run is not trained again (delete its folder to redo it).
+Runs use one thread unless OMP_NUM_THREADS says otherwise: on a shared 2-core machine two threads
+per process made training 10x slower.
 """
 import argparse
 import glob
@@ -34,7 +36,8 @@ def run(cmd, log):
     with open(log, 'a') as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        env = {'OMP_NUM_THREADS': '1', **os.environ}
+        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed (exit {p.returncode}); see {log}")
 
@@ -86,7 +89,7 @@ def main(argv=None):
     p.add_argument('--out_dir', default='runs/depth')
     p.add_argument('--models', nargs='+', choices=sorted(PRESET), default=['local', 'attentive'])
     p.add_argument('--depths', type=int, nargs='+', default=[2, 4, 8, 16])
-    p.add_argument('--steps', type=int, default=250, help='training steps per run (a fixed budget)')
+    p.add_argument('--steps', type=int, default=200, help='training steps per run (a fixed budget)')
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--iw', type=int, default=0, help='also the importance-weighted bound with K samples')
     p.add_argument('--seed', type=int, default=0)
