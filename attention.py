@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import conv
+from layers import conv, upsample
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -56,8 +56,8 @@ class DepthMemory:
     def at(self, res):
         """Bring every entry to resolution `res` (nearest upsampling, once per resolution)."""
         if self.contexts and self.contexts[0].shape[-1] != res:
-            up = lambda t: F.interpolate(t, size=(res, res))
-            self.contexts, self.keys = [up(c) for c in self.contexts], [up(k) for k in self.keys]
+            self.contexts = [upsample(c, res) for c in self.contexts]
+            self.keys = [upsample(k, res) for k in self.keys]
         return self
 
     def add(self, context, key):

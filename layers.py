@@ -23,6 +23,18 @@ def conv(c_in, c_out, k, zero_weight=False):
     return c
 
 
+def upsample(t, res):
+    """Nearest-neighbour upsampling of (B, C, r, r) to (B, C, res, res), res a multiple of r.
+    Same values as F.interpolate(mode='nearest'); written as expand + reshape because its backward
+    is a plain sum, which torch.compile's CPU code generator handles (its lowering of
+    interpolate's backward fails on 1x1 -> 4x4 with torch 2.13)."""
+    B, C, r, _ = t.shape
+    if r == res:
+        return t
+    f = res // r
+    return t[:, :, :, None, :, None].expand(B, C, r, f, r, f).reshape(B, C, res, res)
+
+
 class Block(nn.Module):
     """GELU -> 1x1 -> GELU -> 3x3 -> GELU -> 3x3 -> GELU -> 1x1, optionally x + f(x), then an
     optional average pool. The middle convs are 1x1 at resolution <= 2. The last conv is zeroed

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
-from layers import (Block, conv, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
+from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
                     bernoulli_nll, bernoulli_sample, to_uint8)
 
 # hyperparameters a config may leave out (names as in the reference code)
@@ -136,10 +136,6 @@ class Encoder(nn.Module):
 # -----------------------------------------------------------------------------
 # decoder (DESIGN.md 1.4; attentive VAE: DESIGN.md 2.2 and 2.3)
 
-def resize(t, res):
-    return t if t.shape[-1] == res else F.interpolate(t, size=(res, res))  # nearest
-
-
 class DecoderLayer(nn.Module):
     """One stochastic layer at resolution `res`. The attentive layer reads encoder feature `pair`."""
 
@@ -171,9 +167,9 @@ class DecoderLayer(nn.Module):
         if carry is None:
             return x
         memory, query, key = carry
-        prior_in = self.prior_attention(x, query if query is None else resize(query, self.res), memory, attend)
+        prior_in = self.prior_attention(x, query if query is None else upsample(query, self.res), memory, attend)
         if key is not None:
-            self.prior_attention.remember(memory, x, resize(key, self.res))
+            self.prior_attention.remember(memory, x, upsample(key, self.res))
         return prior_in
 
     def prior_params(self, prior_in, x):
@@ -274,7 +270,7 @@ class Decoder(nn.Module):
         if x is None:
             x = like.new_zeros(n, self.width, layer.res, layer.res)
         if layer.mixin is not None:
-            x = x + F.interpolate(xs[layer.mixin], scale_factor=layer.res // layer.mixin)
+            x = x + upsample(xs[layer.mixin], layer.res)
         return x
 
     def start(self, n):
@@ -300,7 +296,7 @@ class Decoder(nn.Module):
     def output(self, x):
         """(Postprocess,) final per-channel gain and bias, then the 1x1 likelihood head: (B, out, H, W)."""
         if self.post is not None:
-            x = self.post(F.interpolate(x, scale_factor=self.post_upsample))
+            x = self.post(upsample(x, x.shape[-1] * self.post_upsample))
         return self.head(x * self.gain + self.bias)
 
     def forward(self, feats, eps=None, latents=None, attend=True, sampled_kl=False):

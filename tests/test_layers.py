@@ -66,6 +66,17 @@ def test_block_keeps_the_spatial_size_and_zero_last_makes_it_identity_or_zero():
     assert layers.Block(6, 2, 6, 7)(x).shape == x.shape
 
 
+@pytest.mark.parametrize('r, res', [(1, 4), (4, 8), (8, 32), (5, 5)])
+def test_upsample_equals_nearest_interpolate_and_its_gradient_sums_each_block(r, res):
+    t = torch.randn(2, 3, r, r, requires_grad=True)
+    up = layers.upsample(t, res)
+    assert torch.equal(up, F.interpolate(t, size=(res, res)))
+    g = torch.randn(2, 3, res, res)
+    up.backward(g)
+    f = res // r
+    assert torch.allclose(t.grad, g.unflatten(3, (r, f)).unflatten(2, (r, f)).sum((3, 5)), atol=1e-6)
+
+
 @pytest.mark.parametrize('down', [2, 4])
 def test_block_down_average_pools_after_the_residual_add(down):
     torch.manual_seed(1)
