@@ -27,11 +27,15 @@ def upsample(t, res):
     """Nearest-neighbour upsampling of (B, C, r, r) to (B, C, res, res), res a multiple of r.
     Same values as F.interpolate(mode='nearest'); written as expand + reshape because its backward
     is a plain sum, which torch.compile's CPU code generator handles (its lowering of
-    interpolate's backward fails on 1x1 -> 4x4 with torch 2.13)."""
+    interpolate's backward fails on 1x1 -> 4x4 with torch 2.13). Keeps a channels-last input
+    channels-last."""
     B, C, r, _ = t.shape
     if r == res:
         return t
     f = res // r
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        nhwc = t.permute(0, 2, 3, 1)[:, :, None, :, None].expand(B, r, f, r, f, C)    # (B, r, f, r, f, C)
+        return nhwc.reshape(B, res, res, C).permute(0, 3, 1, 2)
     return t[:, :, :, None, :, None].expand(B, C, r, f, r, f).reshape(B, C, res, res)
 
 

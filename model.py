@@ -14,7 +14,6 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
 from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,

@@ -77,6 +77,13 @@ def test_upsample_equals_nearest_interpolate_and_its_gradient_sums_each_block(r,
     assert torch.allclose(t.grad, g.unflatten(3, (r, f)).unflatten(2, (r, f)).sum((3, 5)), atol=1e-6)
 
 
+def test_upsample_keeps_channels_last():
+    t = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    up = layers.upsample(t, 16)
+    assert up.is_contiguous(memory_format=torch.channels_last) and not up.is_contiguous()
+    assert torch.equal(up, F.interpolate(t.contiguous(), size=(16, 16)))
+
+
 @pytest.mark.parametrize('down', [2, 4])
 def test_block_down_average_pools_after_the_residual_add(down):
     torch.manual_seed(1)
