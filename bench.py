@@ -4,6 +4,7 @@ Training and sampling throughput of presets x modes, as a markdown table for the
   python bench.py                                              # the default matrix, < 3 minutes on 2 CPU cores
   python bench.py --presets cifar10 attentive_cifar10 --batch_size 4 --modes fp32 compile   # ~20 min on CPU
   python bench.py --presets cifar10 --batch_size 32 --modes fp32 bf16+compile+cl    # on a GPU
+  python bench.py --against ../hvae-old                        # each row also with another checkout's code
 
 A mode joins a dtype (fp32, bf16, fp16: autocast as in train.py) with `compile` (torch.compile, as
 --compile) and `cl` (channels_last); the first mode of each preset is the baseline of the ratio
@@ -14,9 +15,16 @@ median over timed steps of a synthetic batch (throughput does not depend on pixe
 torch's FlopCounterMode; utilisation is against the device's dense peak where it is known.
 The default matrix leaves compile out: inductor's CPU code generation alone takes 3 to 8 minutes
 per preset on 2 cores.
+
+Honest figures: every row reports the share of its wall time that runnable threads waited for a
+core (the `some` line of /proc/pressure/cpu, read before and after the row). Anything else running
+on the machine shows there; a row above 5% is marked as not to be trusted. `--against DIR` runs
+each row also with the bench.py of another checkout (say, the commit before a change), alternating
+the two, so that a before/after comparison is taken in one run under the same conditions.
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -49,6 +57,29 @@ def peak_flops(device, dtype):
         return None
     name = torch.cuda.get_device_name(device)
     return next((p[dtype] for key, p in PEAK.items() if key in name), None)
+
+
+def cpu_pressure():
+    """Total microseconds that some runnable thread waited for a CPU (Linux PSI), or None."""
+    try:
+        with open('/proc/pressure/cpu') as f:
+            return int(f.readline().split('total=')[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_row(code_dir, preset, mode, args):
+    """One row in its own process, with `code_dir`'s bench.py -> (figures or None, error, CPU wait share)."""
+    cmd = [sys.executable, os.path.join(code_dir, 'bench.py'), '--row', f'{preset}:{mode}',
+           '--batch_size', str(args.batch_size), '--steps', str(args.steps), '--warmup', str(args.warmup),
+           '--device', args.device]
+    p0, t0 = cpu_pressure(), time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=code_dir)
+    p1, wall = cpu_pressure(), time.perf_counter() - t0
+    wait = (p1 - p0) / 1e6 / wall if p0 is not None and p1 is not None else None
+    if done.returncode != 0:
+        return None, (done.stderr.strip().splitlines() or ['no output'])[-1][:120], wait
+    return json.loads(done.stdout.splitlines()[-1]), '', wait
 
 
 def measure(preset, batch_size, mode, steps, warmup, device):
@@ -121,6 +152,8 @@ def main():
     p.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first (compilation happens here)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--against', nargs='*', default=[], metavar='DIR',
+                   help='other checkouts whose bench.py also runs every row (before/after in one run)')
     p.add_argument('--row', help=argparse.SUPPRESS)   # internal: run one row and print it as JSON
     args = p.parse_args()
     for mode in args.modes:
@@ -132,23 +165,25 @@ def main():
     where = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
     print(f'torch {torch.__version__}, {where}, batch {args.batch_size}, median of {args.steps} steps '
           f'after {args.warmup} warm-up steps')
-    print('| preset | mode | params | train img/s | vs first mode | sample img/s | peak GiB | TFLOP/s | MFU | warm-up s |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('| preset | mode | code | params | train img/s | vs first row | sample img/s | peak GiB | TFLOP/s | MFU '
+          '| warm-up s | CPU wait |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    codes = [('this', os.path.dirname(os.path.abspath(__file__)))]
+    codes += [(os.path.basename(os.path.normpath(d)), os.path.abspath(d)) for d in args.against]
     for preset in args.presets:
         base = None
         for mode in args.modes:
-            cmd = [sys.executable, __file__, '--row', f'{preset}:{mode}', '--batch_size', str(args.batch_size),
-                   '--steps', str(args.steps), '--warmup', str(args.warmup), '--device', args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f'| {preset} | {mode} | failed: {done.stderr.strip().splitlines()[-1][:120]} |||||||||', flush=True)
-                continue
-            r = json.loads(done.stdout.splitlines()[-1])
-            base = base or r['train_ips']
-            mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] else '-'
-            print(f"| {preset} | {mode} | {r['params']:,} | {r['train_ips']:.2f} | {r['train_ips'] / base:.2f}x | "
-                  f"{r['sample_ips']:.1f} | {r['peak_gib']:.2f} | {r['tflops']:.3f} | {mfu} | {r['warmup_s']:.1f} |",
-                  flush=True)
+            for name, code_dir in (codes if len(codes) == 1 else codes[::-1] + codes):   # A B B A when comparing
+                r, error, wait = run_row(code_dir, preset, mode, args)
+                busy = '-' if wait is None else f'{100 * wait:.1f}%' + (' (busy: not a figure)' if wait > 0.05 else '')
+                if r is None:
+                    print(f'| {preset} | {mode} | {name} | failed: {error} |||||||| {busy} |', flush=True)
+                    continue
+                base = base or r['train_ips']
+                mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] else '-'
+                print(f"| {preset} | {mode} | {name} | {r['params']:,} | {r['train_ips']:.2f} | {r['train_ips'] / base:.2f}x | "
+                      f"{r['sample_ips']:.1f} | {r['peak_gib']:.2f} | {r['tflops']:.3f} | {mfu} | {r['warmup_s']:.1f} "
+                      f"| {busy} |", flush=True)
 
 
 if __name__ == '__main__':
