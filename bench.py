@@ -7,7 +7,7 @@ Training and sampling throughput of presets x modes, as a markdown table for the
   python bench.py --against ../hvae-old                        # each row also with another checkout's code
 
 A mode joins a dtype (fp32, bf16, fp16: autocast as in train.py) with `compile` (torch.compile, as
---compile) and `cl` (channels_last); the first mode of each preset is the baseline of the ratio
+--compile), `cl` (channels_last) and `ckpt` (--grad_checkpoint); the first mode of each preset is the baseline of the ratio
 column, measured in the same run. Every row runs in its own process so that peak memory (CUDA:
 peak allocated; CPU: peak RSS of the process) does not leak between rows. Training images/s is the
 median over timed steps of a synthetic batch (throughput does not depend on pixel values); warm-up
@@ -46,10 +46,10 @@ PEAK = {'H100': {'bf16': 989e12, 'fp16': 989e12, 'fp32': 67e12},
 def parse_mode(mode):
     parts = mode.split('+')
     dtype = next((p for p in parts if p in ('fp32', 'bf16', 'fp16')), 'fp32')
-    unknown = set(parts) - {'fp32', 'bf16', 'fp16', 'compile', 'cl', 'eager'}
+    unknown = set(parts) - {'fp32', 'bf16', 'fp16', 'compile', 'cl', 'ckpt', 'eager'}
     if unknown:
-        raise ValueError(f'unknown mode part(s) {sorted(unknown)} in {mode!r}: use fp32|bf16|fp16, compile, cl joined by +')
-    return dtype, 'compile' in parts, 'cl' in parts
+        raise ValueError(f'unknown mode part(s) {sorted(unknown)} in {mode!r}: use fp32|bf16|fp16, compile, cl, ckpt joined by +')
+    return dtype, 'compile' in parts, 'cl' in parts, 'ckpt' in parts
 
 
 def peak_flops(device, dtype):
@@ -84,12 +84,12 @@ def run_row(code_dir, preset, mode, args):
 
 def measure(preset, batch_size, mode, steps, warmup, device):
     """One row, in this process -> dict of figures."""
-    dtype, compile, channels_last = parse_mode(mode)
+    dtype, compile, channels_last, grad_checkpoint = parse_mode(mode)
     flags = ['--preset', preset, '--batch_size', str(batch_size), '--dtype', dtype]
     config = train.make_config(train.parse_args(flags + ['--compile'] * compile + ['--channels_last'] * channels_last))
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = VAE(config).to(dev)
+    model = VAE(config).to(dev).set_grad_checkpoint(grad_checkpoint)
     optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler(dev.type) if dtype == 'fp16' else None
     C, S = config['image_channels'], config['image_size']

@@ -14,6 +14,7 @@ import re
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
 from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
@@ -97,6 +98,14 @@ def scale_depth(dec_blocks, depth):
     return ','.join(tokens)
 
 
+def run(module, *args, recompute=False):
+    """module(*args); with `recompute` (--grad_checkpoint) its activations are not kept for the
+    backward pass but recomputed there (same numbers, same random draws, less memory)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
 # -----------------------------------------------------------------------------
 # encoder (DESIGN.md 1.3)
 
@@ -115,7 +124,7 @@ class Encoder(nn.Module):
         super().__init__()
         w, blocks = config['width'], parse_layout(config['enc_blocks'], 'enc')
         mid, d = int(w * config['bottleneck_multiple']), key_width(config)
-        self.width = w
+        self.width, self.grad_checkpoint = w, False
         self.stem = conv(config['image_channels'], w + d, 3)
         self.blocks = nn.ModuleList([Block(w, mid, w + d, r, down=down, scale=math.sqrt(1 / len(blocks)),
                                            mixer=nonlocal_block(config, r, mid)) for r, down in blocks])
@@ -127,7 +136,7 @@ class Encoder(nn.Module):
         x = self.stem(x)
         feats = {x.shape[-1]: [x]}
         for block in self.blocks:
-            x = block(x[:, :self.width])
+            x = run(block, x[:, :self.width], recompute=self.grad_checkpoint)
             feats.setdefault(x.shape[-1], []).append(x)
         return feats
 
@@ -234,7 +243,7 @@ class Decoder(nn.Module):
         super().__init__()
         w, layout = config['width'], parse_layout(config['dec_blocks'], 'dec')
         self.width, self.out_res = w, layout[-1][0]
-        self.attentive = config['model'] == 'attentive'
+        self.attentive, self.grad_checkpoint = config['model'] == 'attentive', False
         # the attentive layer i at resolution r reads encoder feature m - 1 - i there (top layers read
         # the deepest features) and attends over the features closer to the data
         counts, seen = feature_counts(config), {}
@@ -306,8 +315,8 @@ class Decoder(nn.Module):
         for i, (layer, closer) in enumerate(zip(self.layers, self.closer_features(feats))):
             x = self.layer_input(xs, layer, n, feats[layer.res][0])
             given = latents[i] if latents is not None and i < len(latents) else None
-            xs[layer.res], carry, z, kl = layer(x, feats, carry, closer, eps[i] if eps is not None else None,
-                                                given, attend, sampled_kl)
+            xs[layer.res], carry, z, kl = run(layer, x, feats, carry, closer, eps[i] if eps is not None else None,
+                                              given, attend, sampled_kl, recompute=self.grad_checkpoint)
             zs.append(z)
             kls.append(kl)
         return self.output(xs[self.out_res]), zs, kls
@@ -341,6 +350,14 @@ class VAE(nn.Module):
         check_layouts(self.config)
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
+
+    def set_grad_checkpoint(self, on=True):
+        """Recompute each encoder block and decoder layer in the backward pass (torch.utils.checkpoint)."""
+        if on and self.config['model'] == 'attentive':
+            raise ValueError('--grad_checkpoint is not supported by this attentive variant: its depth memory '
+                             'is filled inside the layers and would be filled twice when they are recomputed')
+        self.encoder.grad_checkpoint = self.decoder.grad_checkpoint = on
+        return self
 
     def crop(self, t):
         """Drop the padding (e.g. MNIST 28 -> 32) before the likelihood."""

@@ -94,12 +94,12 @@ BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_chan
             kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,
             max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
             eval_every=5000, eval_batches=0, save_every=0, save_every_minutes=30.0, keep=2, out_dir='out',
-            dtype='fp32', compile=False, channels_last=False)
+            dtype='fp32', compile=False, channels_last=False, grad_checkpoint=False)
 # flags that only steer this run: a resumed run may change them, the rest must match
 # (batch_size is per process: a run resumed on another number of processes may change it)
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
             'eval_every', 'eval_batches', 'save_every', 'save_every_minutes', 'keep', 'out_dir',
-            'batch_size', 'dtype', 'compile', 'channels_last')
+            'batch_size', 'dtype', 'compile', 'channels_last', 'grad_checkpoint')
 
 
 def parse_args(argv=None):
@@ -119,6 +119,8 @@ def parse_args(argv=None):
     p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), help='autocast dtype of the network (default fp32)')
     p.add_argument('--compile', action='store_const', const=True, help='torch.compile the model')
     p.add_argument('--channels_last', action='store_const', const=True, help='channels-last memory format')
+    p.add_argument('--grad_checkpoint', action='store_const', const=True,
+                   help='recompute each layer in the backward pass instead of keeping its activations')
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
@@ -440,7 +442,7 @@ def main(argv=None):
     if config['dtype'] == 'fp16' and device.type != 'cuda':
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
     torch.manual_seed(config['seed'])
-    model = VAE(config).to(device)
+    model = VAE(config).to(device).set_grad_checkpoint(config['grad_checkpoint'])
     n_params = sum(p.numel() for p in model.parameters())
     if args.dry_run:
         print0(json.dumps({k: config[k] for k in sorted(config)}, indent=1))

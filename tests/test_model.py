@@ -547,3 +547,45 @@ def test_at_init_only_the_prior_convs_behind_the_zeroed_last_conv_get_no_gradien
     # activations are 0, so its last conv's weight (not its bias) gets no gradient either
     expected.add('decoder.layers.0.prior.conv4.weight')
     assert zero == expected
+
+
+def grads_of(vae, x, target, eps=None, seed=0):
+    vae.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = vae(x, target, eps)
+    (out['distortion'] + out['rate']).mean().backward()
+    return out, {n: p.grad.clone() for n, p in vae.named_parameters()}
+
+
+@pytest.mark.parametrize('given_noise', [True, False])
+def test_grad_checkpoint_gives_the_plain_backward_gradients(given_noise):
+    vae = small_vae(3)
+    x, target = batch(3, seed=3)
+    eps = layer_noise(vae, 3, seed=4) if given_noise else None   # drawn noise: the recompute redraws the same
+    out, plain = grads_of(vae, x, target, eps)
+    out_ckpt, ckpt = grads_of(vae.set_grad_checkpoint(True), x, target, eps)
+    assert torch.equal(out['kl'], out_ckpt['kl'])
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-6, atol=1e-9), n
+
+
+def test_grad_checkpoint_keeps_fewer_activations_for_the_backward():
+    vae = small_vae(3)
+    x, target = batch(2, seed=3)
+
+    def saved(on):
+        vae.set_grad_checkpoint(on)
+        count = [0]
+        def pack(t):
+            count[0] += t.numel()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = vae(x, target)
+        return count[0]
+    assert saved(True) < 0.5 * saved(False)
+
+
+def test_grad_checkpoint_is_refused_by_the_bottleneck_attentive_variant():
+    vae = model.VAE({**SMALL, 'model': 'attentive', 'key_width': 4})
+    with pytest.raises(ValueError, match='not supported'):
+        vae.set_grad_checkpoint(True)
