@@ -124,7 +124,7 @@ def parse_args(argv=None):
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
-                       'channels_last'):
+                       'channels_last', 'grad_checkpoint'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
