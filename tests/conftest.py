@@ -107,3 +107,7 @@ def assert_close(a, b, atol=1e-6):
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= atol, worst
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU; skipped with that reason elsewhere (gpu_check.sh runs them)')

@@ -1,5 +1,8 @@
 """bench.py: every row says how long it waited for a CPU, and --against runs a second checkout's
 code in the same invocation (the before/after comparison the README's speed figures come from)."""
+import os
+import subprocess
+
 import bench
 from conftest import ROOT, run
 
@@ -21,3 +24,19 @@ def test_rows_carry_their_cpu_wait_and_against_alternates_the_two_codes(tmp_path
         cells = [c.strip() for c in r.strip('|').split('|')]
         assert cells[3] == '474,180'                    # the cpu preset's parameters, from either copy
         assert cells[-1].endswith('%') or 'busy' in cells[-1]
+
+
+def test_gpu_check_script_runs_its_cpu_safe_parts_into_one_report(tmp_path):
+    """gpu_check.sh at toy sizes on the CPU: the CUDA tests are skipped with their reason, the bench
+    rows have figures, and the torchrun run stops and resumes."""
+    report = tmp_path / 'report.md'
+    p = subprocess.run(['bash', str(ROOT / 'gpu_check.sh'), str(report)], env=dict(os.environ, HVAE_GPU_CHECK_CPU='1'),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    text = report.read_text()
+    assert 'needs a CUDA GPU' in text and 'skipped' in text
+    rows = [l for l in text.splitlines() if l.startswith('| cpu |')]
+    assert [r.split('|')[2].strip() for r in rows] == ['fp32', 'fp32+ckpt']
+    assert all(float(r.split('|')[5]) > 0 for r in rows)                    # train img/s
+    assert rows[0].split('|')[12] == rows[1].split('|')[12]                # same loss with and without ckpt
+    assert 'resumed from step 2' in text and '\nstep 4 |' in text
