@@ -5,6 +5,7 @@ Training and sampling throughput of presets x modes, as a markdown table for the
   python bench.py --presets cifar10 attentive_cifar10 --batch_size 4 --modes fp32 compile   # ~20 min on CPU
   python bench.py --presets cifar10 --batch_size 32 --modes fp32 bf16+compile+cl    # on a GPU
   python bench.py --against ../hvae-old                        # each row also with another checkout's code
+  python bench.py --activations --presets cifar10 ffhq1024 --batch_size 1   # activation memory, meta device
 
 A mode joins a dtype (fp32, bf16, fp16: autocast as in train.py) with `compile` (torch.compile, as
 --compile), `cl` (channels_last) and `ckpt` (--grad_checkpoint); the first mode of each preset is the baseline of the ratio
@@ -136,6 +137,36 @@ def measure(preset, batch_size, mode, steps, warmup, device):
                 params=sum(p.numel() for p in model.parameters()))
 
 
+def activation_gib(preset, batch_size=1):
+    """Tensors saved for the backward pass of one training forward at `batch_size`, fp32, counted on
+    the meta device (no memory, no data) -> (GiB plain, GiB with --grad_checkpoint). The second is
+    the plain count less what the checkpointed modules save, plus what they keep instead (their
+    inputs) and one module's activations at a time (recomputed in the backward pass)."""
+    config = train.make_config(train.parse_args(['--preset', preset]))
+    with torch.device('meta'):
+        model = VAE(config)
+        S, C = config['image_size'], config['image_channels']
+        x = torch.zeros(batch_size, C, S, S)
+    total, inside, inputs = [0], {}, [0]
+    modules = list(model.encoder.blocks) + list(model.decoder.layers)
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    def enter(module, args):
+        inside[module] = total[0]
+        inputs[0] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    def leave(module, args, out):
+        inside[module] = total[0] - inside[module]
+    hooks = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    for h in hooks:
+        h.remove()
+    plain = total[0]
+    ckpt = plain - sum(inside.values()) + inputs[0] + max(inside.values())
+    return plain / 2**30, ckpt / 2**30
+
+
 def count_flops(model, batch, info, config, device):
     """Model FLOPs of one training step (forward and backward), counted on a copy of the batch."""
     x, target = train.data.prepare(batch, info, config['bits'], config['pad'])
@@ -156,10 +187,21 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--against', nargs='*', default=[], metavar='DIR',
                    help='other checkouts whose bench.py also runs every row (before/after in one run)')
+    p.add_argument('--activations', action='store_true',
+                   help='only count each preset\'s activation memory per batch on the meta device (instant)')
     p.add_argument('--row', help=argparse.SUPPRESS)   # internal: run one row and print it as JSON
     args = p.parse_args()
     for mode in args.modes:
         parse_mode(mode)
+    if args.activations:
+        print(f'| preset | params | activations at batch {args.batch_size}, fp32 | with --grad_checkpoint |')
+        print('|---|---|---|---|')
+        for preset in args.presets:
+            with torch.device('meta'):
+                params = sum(p.numel() for p in VAE(train.make_config(train.parse_args(['--preset', preset]))).parameters())
+            plain, ckpt = activation_gib(preset, args.batch_size)
+            print(f'| {preset} | {params:,} | {plain:.2f} GiB | {ckpt:.2f} GiB |', flush=True)
+        return
     if args.row:
         preset, mode = args.row.split(':')
         print(json.dumps(measure(preset, args.batch_size, mode, args.steps, args.warmup, args.device)))

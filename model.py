@@ -23,7 +23,7 @@ from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussia
 # hyperparameters a config may leave out (names as in the reference code)
 DEFAULTS = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3,
                 no_bias_above=64, bits=8, likelihood='dmol', pad=0, post_upsample=1,
-                key_width=20, nonlocal_res='', nonlocal_width=32)
+                key_width=20, nonlocal_res='', nonlocal_width=32, custom_width='')
 REQUIRED = ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size')
 
 
@@ -76,6 +76,20 @@ def check_layouts(config):
                          f"not the image size {size}")
 
 
+def widths(config):
+    """Channels at resolution r: `width`, unless `custom_width` ('512:32,256:64,...', the reference's
+    custom_width_str) names r. -> function of r."""
+    named = {}
+    for item in filter(None, str(config['custom_width']).replace(' ', '').split(',')):
+        m = re.fullmatch(r'(\d+):(\d+)', item)
+        if m is None or int(m[2]) < 1:
+            raise ValueError(f"custom_width '{config['custom_width']}': '{item}' is not resolution:width")
+        named[int(m[1])] = int(m[2])
+    if named and config['model'] != 'vdvae':
+        raise ValueError('custom_width is a very deep VAE option (the attentive variant has one width)')
+    return lambda r: named.get(r, config['width'])
+
+
 def scale_depth(dec_blocks, depth):
     """Rebuild a decoder layout with `depth` stochastic layers: one at each resolution, the rest
     spread in the layout's proportions (largest remainder), same resolutions and mixins."""
@@ -122,12 +136,13 @@ def key_width(config):
 class Encoder(nn.Module):
     def __init__(self, config):
         super().__init__()
-        w, blocks = config['width'], parse_layout(config['enc_blocks'], 'enc')
+        w, blocks, W = config['width'], parse_layout(config['enc_blocks'], 'enc'), widths(config)
         mid, d = int(w * config['bottleneck_multiple']), key_width(config)
-        self.width, self.grad_checkpoint = w, False
-        self.stem = conv(config['image_channels'], w + d, 3)
-        self.blocks = nn.ModuleList([Block(w, mid, w + d, r, down=down, scale=math.sqrt(1 / len(blocks)),
-                                           mixer=nonlocal_block(config, r, mid)) for r, down in blocks])
+        self.width, self.widths, self.grad_checkpoint = w, W, False
+        self.stem = conv(config['image_channels'], w + d, 3)   # as the reference: `width`, whatever custom_width says
+        self.blocks = nn.ModuleList([Block(W(r), int(W(r) * config['bottleneck_multiple']), W(r) + d, r, down=down,
+                                           scale=math.sqrt(1 / len(blocks)), mixer=nonlocal_block(config, r, mid))
+                                     for r, down in blocks])
 
     def forward(self, x):
         """x: (B, C, H, W) normalised image -> {resolution: [every feature there, data -> top]},
@@ -136,7 +151,9 @@ class Encoder(nn.Module):
         x = self.stem(x)
         feats = {x.shape[-1]: [x]}
         for block in self.blocks:
-            x = run(block, x[:, :self.width], recompute=self.grad_checkpoint)
+            x = run(block, x[:, :self.widths(x.shape[-1])], recompute=self.grad_checkpoint)
+            if x.shape[1] < self.widths(x.shape[-1]):   # into a wider resolution: zero channels (reference pad_channels)
+                x = nn.functional.pad(x, (0, 0, 0, 0, 0, self.widths(x.shape[-1]) - x.shape[1]))
             feats.setdefault(x.shape[-1], []).append(x)
         return feats
 
@@ -149,7 +166,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config, res, mixin, n_layers, pair=0, index=0):
         super().__init__()
-        w, z, d = config['width'], config['zdim'], key_width(config)
+        w, z, d = widths(config)(res), config['zdim'], key_width(config)
         mid = int(w * config['bottleneck_multiple'])
         self.res, self.mixin, self.zdim, self.width, self.pair = res, mixin, z, w, pair
         self.key_width = d
@@ -255,7 +272,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         # learned starting state per resolution (zeros above no_bias_above)
         resolutions = sorted({r for r, _ in layout})
-        self.state = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, w, r, r))
+        self.state = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, widths(config)(r), r, r))
                                        for r in resolutions if r <= config['no_bias_above']})
         if self.attentive:
             d, r0 = config['key_width'], layout[0][0]
@@ -276,9 +293,9 @@ class Decoder(nn.Module):
         """The state at the layer's resolution, plus the nearest-upsampled coarser state for `RmM`."""
         x = xs.get(layer.res)
         if x is None:
-            x = like.new_zeros(n, self.width, layer.res, layer.res)
-        if layer.mixin is not None:
-            x = x + upsample(xs[layer.mixin], layer.res)
+            x = like.new_zeros(n, layer.width, layer.res, layer.res)
+        if layer.mixin is not None:   # a wider coarse state gives its first channels (as the reference)
+            x = x + upsample(xs[layer.mixin][:, :layer.width], layer.res)
         return x
 
     def start(self, n):

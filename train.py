@@ -47,9 +47,9 @@ PRESETS = {
                     enc_blocks='256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                     dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128',
                     lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999),
-    # layouts from the reference's hps (70 stochastic layers); the reference narrows the 512 and
-    # 1024 resolutions, hvae keeps one width everywhere (see README)
-    'ffhq1024': dict(dataset='folder', image_size=1024, width=512, zdim=16, num_mixtures=2,
+    # the reference's hps (70 stochastic layers): 16 channels at 1024, 32 at 512, 64 at 256, 512 below
+    'ffhq1024': dict(dataset='folder', image_size=1024, width=16, zdim=16, num_mixtures=2,
+                     custom_width='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512',
                      enc_blocks='1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,'
                                 '16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                      dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,'
@@ -88,7 +88,7 @@ DATASET_PRESET = {'cifar10': 'attentive_cifar10', 'mnist': 'attentive_mnist', 'i
 # what every preset shares unless it says otherwise
 BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3, no_bias_above=64, bits=8,
             likelihood='dmol', pad=0, data_root='data', download=True, warmup_steps=100,
-            key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1,
+            key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1, custom_width='',
             optimizer='adamw', weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8,
             lr_start=0.0, warmup_epochs=0.0, lr_schedule='constant', lr_min=0.0, epochs=0.0,
             kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,

@@ -4,6 +4,7 @@ import os
 import subprocess
 
 import bench
+import train
 from conftest import ROOT, run
 
 
@@ -40,3 +41,16 @@ def test_gpu_check_script_runs_its_cpu_safe_parts_into_one_report(tmp_path):
     assert all(float(r.split('|')[5]) > 0 for r in rows)                    # train img/s
     assert rows[0].split('|')[12] == rows[1].split('|')[12]                # same loss with and without ckpt
     assert 'resumed from step 2' in text and '\nstep 4 |' in text
+
+
+def test_ffhq1024_is_narrowed_as_the_reference_and_its_activations_fit_a_gpu():
+    """16 channels at 1024 px, 32 at 512, 64 at 256 (the reference's custom_width_str): one image's
+    activations drop from about 74 GiB (512 channels everywhere) to about 11, and to about 3 with
+    --grad_checkpoint (meta-device counts)."""
+    from test_model import closed_form_count
+    config = train.make_config(train.parse_args(['--preset', 'ffhq1024']))
+    assert closed_form_count(config) == 109_366_904
+    plain, ckpt = bench.activation_gib('ffhq1024')
+    assert 10 < plain < 12 and 2.5 < ckpt < 3.5
+    cifar_plain, cifar_ckpt = bench.activation_gib('cifar10', 16)
+    assert 8 < cifar_plain < 10 and cifar_ckpt < cifar_plain / 3   # with weights and optimiser: the 11 GiB peak at batch 16
