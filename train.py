@@ -517,7 +517,7 @@ def main(argv=None):
         signalled, out_of_time, save_due = agree(
             device, stop.name is not None, config['max_minutes'] and minutes >= config['max_minutes'],
             (config['save_every'] and step % config['save_every'] == 0)
-            or time.time() - t_save >= 60 * config['save_every_minutes'])
+            or (config['save_every_minutes'] > 0 and time.time() - t_save >= 60 * config['save_every_minutes']))
         done = (step >= config['max_steps'] or (config['epochs'] and step >= config['epochs'] * spe)
                 or out_of_time or signalled)
         if step % config['log_every'] == 0 or done:

@@ -71,6 +71,11 @@ def test_keep_holds_the_last_k_checkpoints(fake_cifar, tmp_path):
     assert [p.name for p in sorted(tmp_path.glob('ckpt-*'))] == ['ckpt-00000004.pt', 'ckpt-00000005.pt']
 
 
+def test_save_every_minutes_0_is_off_and_writes_only_the_final_checkpoint(fake_cifar, tmp_path):
+    launch(tmp_path, 4, 4, faults='', extra=['--save_every_minutes', '0', '--keep', '10'], data_root=fake_cifar)
+    assert [p.name for p in tmp_path.glob('ckpt-*')] == ['ckpt-00000004.pt']
+
+
 def test_full_disk_at_a_save_is_one_line_and_the_previous_checkpoint_survives(fake_cifar, tmp_path):
     p = launch(tmp_path, 6, 4, faults='enospc_save@2', extra=['--save_every', '2'], check=False, data_root=fake_cifar)
     line = error_line(p)
