@@ -100,6 +100,10 @@ BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_chan
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
             'eval_every', 'eval_batches', 'save_every', 'save_every_minutes', 'keep', 'out_dir',
             'batch_size', 'dtype', 'compile', 'channels_last')
+# the recipe's knobs that do not shape the network: a resumed run may change them too (the way out
+# of a run that stopped on skipped updates), and says what changed
+RECIPE_KEYS = ('lr', 'lr_start', 'warmup_steps', 'warmup_epochs', 'grad_clip', 'skip_threshold', 'ema_rate',
+               'kl_weight_start', 'kl_warmup_epochs')
 
 
 def parse_args(argv=None):
@@ -244,6 +248,15 @@ def agree(device, *flags):
     return [f > 0 for f in all_mean(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
 
 
+def broadcast(obj):
+    """Rank 0's obj on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather(obj):
     """[obj of rank 0, obj of rank 1, ...]"""
     if not dist.is_initialized():
@@ -378,19 +391,35 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def resume_config(config, args, out_dir):
-    """The latest checkpoint in out_dir and its config; flags may change run keys only."""
+def agreed_checkpoint(out_dir, required):
+    """The checkpoint every rank resumes from: rank 0's latest, looked up by name in each rank's own
+    out_dir (one shared folder, or per-node folders at the same path). Ranks resuming from
+    different checkpoints, or some not at all, would diverge and hang on mismatched collectives,
+    so a rank that cannot see it stops the run. -> its path, or None when there is none."""
     paths = checkpoint_paths(out_dir)
-    if not paths:
-        raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
-    ckpt = load_checkpoint(paths[-1])
+    name = broadcast(os.path.basename(paths[-1]) if paths else None)
+    if name is None:
+        if required:
+            raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
+        return None
+    path = os.path.join(out_dir, name)
+    blind = [str(r) for r, seen in enumerate(gather(os.path.exists(path))) if not seen]
+    if blind:
+        raise FileNotFoundError(f"rank {', '.join(blind)} cannot see {path}, rank 0's latest checkpoint: share "
+                                f"--out_dir between nodes, or copy the checkpoint into every node's --out_dir")
+    return path
+
+
+def resume_config(config, args, path):
+    """The checkpoint at path and its config; flags may change run and recipe keys only."""
+    ckpt = load_checkpoint(path)
     saved = {**{k: BASE[k] for k in RUN_KEYS if k in BASE}, **ckpt['config']}
     given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
     clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))
-             if k not in RUN_KEYS and saved.get(k) != config[k]]
+             if k not in RUN_KEYS + RECIPE_KEYS and saved.get(k) != config[k]]
     if clash:
-        raise ValueError(f"{paths[-1]} was written by another configuration: {', '.join(clash)}")
-    return ckpt, paths[-1], {**saved, **{k: config[k] for k in RUN_KEYS if k in given}}
+        raise ValueError(f"{path} was written by another configuration: {', '.join(clash)}")
+    return ckpt, path, {**saved, **{k: config[k] for k in RUN_KEYS + RECIPE_KEYS if k in given}}
 
 
 class StopSignal:
@@ -435,8 +464,10 @@ def main(argv=None):
     print0 = print if rank == 0 else (lambda *a, **k: None)
     restarted = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0   # torchrun restarted the group
     ckpt = ckpt_path = None
-    if args.resume or (restarted and checkpoint_paths(config['out_dir'])):
-        ckpt, ckpt_path, config = resume_config(config, args, config['out_dir'])
+    if args.resume or restarted:   # rank 0 chooses the checkpoint, for every rank
+        ckpt_path = agreed_checkpoint(config['out_dir'], required=args.resume)
+    if ckpt_path:
+        ckpt, ckpt_path, config = resume_config(config, args, ckpt_path)
     if config['dtype'] == 'fp16' and device.type != 'cuda':
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
     torch.manual_seed(config['seed'])
@@ -471,6 +502,11 @@ def main(argv=None):
         else:   # more ranks than the run that wrote it
             torch.manual_seed(config['seed'] + rank + 7919 * step)
         print0(f'resumed from step {step} of {ckpt_path}')
+        changed = [f"{k} {ckpt['config'].get(k)!r} -> {config[k]!r}" for k in RECIPE_KEYS
+                   if ckpt['config'].get(k) != config[k]]
+        if changed:
+            print0(f"recipe changed on resume: {', '.join(changed)}")
+        ckpt = None   # the loaded dict is a second copy of the weights and optimiser (~2 GB at ImageNet-64 size)
     if config['channels_last']:
         model = model.to(memory_format=torch.channels_last)
     if config['compile']:
@@ -504,6 +540,8 @@ def main(argv=None):
             counts['skips_in_row'] += 1
             if counts['skips_in_row'] >= config['max_skips_in_row']:
                 path = save()
+                if dist.is_initialized():
+                    dist.barrier()   # rank 0's write is done: torchrun kills the group when one rank exits
                 print0(f"stopping at step {step}: {counts['skips_in_row']} updates in a row skipped "
                        f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {config['skip_threshold']}, "
                        f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}", file=sys.stderr)

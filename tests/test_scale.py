@@ -4,6 +4,7 @@ tests/faults.py, which is train.py with optional faults; `mean_z` removes the po
 that two runs that split the same images over processes differently can be compared exactly."""
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,6 +48,40 @@ def test_checkpoint_of_two_processes_resumes_in_one_and_the_reverse(fake_cifar, 
         assert ckpt['step'] == 6 and ckpt['data'] == ref['data']
         assert_close(ref['model'], ckpt['model'])
         assert_close(ref['ema'], ckpt['ema'])
+
+
+def test_ranks_resume_from_rank_0_s_checkpoint_or_stop_naming_the_rank_that_cannot_see_it(fake_cifar, tmp_path):
+    """Node-local out_dirs (rank 1 reads <out>-rank1): while rank 1's is empty, --resume stops in
+    one line naming rank 1 and rank 0's checkpoint; with the checkpoint copied there, both ranks
+    resume from it and stay identical."""
+    out, local = tmp_path / 'out', tmp_path / 'out-rank1'
+    launch(out, 2, 4, nproc=2, data_root=fake_cifar)
+    p = launch(out, 4, 4, nproc=2, faults='mean_z,own_out_dir@0:1', extra=['--resume'], check=False, data_root=fake_cifar)
+    assert p.returncode != 0 and 'step 3' not in p.stdout
+    assert f"error: rank 1 cannot see {out}/ckpt-00000002.pt, rank 0's latest checkpoint" in p.stderr
+    local.mkdir()
+    shutil.copy(out / 'ckpt-00000002.pt', local)
+    p = launch(out, 4, 4, nproc=2, faults='mean_z,own_out_dir@0:1', extra=['--resume'], data_root=fake_cifar)
+    assert 'resumed from step 2' in p.stdout and latest(out)['step'] == 4 and latest(local)['step'] == 2
+    ranks = [torch.load(out / f'final-rank{r}.pt', weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+
+def test_sticky_skip_stop_saves_before_any_rank_exits_and_resume_may_raise_skip_threshold(fake_cifar, tmp_path):
+    """Every update skipped: the run stops after 2 in a row on both ranks, with rank 0's (slow)
+    checkpoint written; resumed with a higher --skip_threshold and another --lr, it trains on."""
+    stuck = ['--skip_threshold', '1e-9', '--max_skips_in_row', '2']
+    p = launch(tmp_path, 6, 4, nproc=2, faults='mean_z,slow_save@1:0', extra=stuck, check=False, data_root=fake_cifar)
+    assert p.returncode != 0 and '2 updates in a row skipped' in p.stderr
+    stopped = latest(tmp_path)
+    assert stopped['step'] == 2 and stopped['counts']['updates'] == 0
+    for r in (0, 1):   # no rank left before the checkpoint was on disk (torchrun kills the rest when one exits)
+        assert 'ckpt-00000002.pt' in (tmp_path / f'final-rank{r}-exit.txt').read_text().split()
+    p = launch(tmp_path, 4, 8, extra=['--resume', '--skip_threshold', '1e9', '--lr', '1e-3'], data_root=fake_cifar)
+    assert 'recipe changed on resume: lr 0.002 -> 0.001, skip_threshold 1e-09 -> 1000000000.0' in p.stdout
+    resumed = latest(tmp_path)
+    assert resumed['step'] == 4 and resumed['counts']['updates'] == 2
+    assert resumed['config']['skip_threshold'] == 1e9 and resumed['config']['lr'] == 1e-3
 
 
 def test_one_rank_s_nan_loss_and_another_rank_s_inf_gradient_skip_on_every_rank(fake_cifar, tmp_path):
