@@ -94,12 +94,12 @@ BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_chan
             kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,
             max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
             eval_every=5000, eval_batches=0, save_every=0, save_every_minutes=30.0, keep=2, out_dir='out',
-            dtype='fp32', compile=False, channels_last=False)
+            dtype='fp32', compile=False, channels_last=False, tf32=True, deterministic=False)
 # flags that only steer this run: a resumed run may change them, the rest must match
 # (batch_size is per process: a run resumed on another number of processes may change it)
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
             'eval_every', 'eval_batches', 'save_every', 'save_every_minutes', 'keep', 'out_dir',
-            'batch_size', 'dtype', 'compile', 'channels_last')
+            'batch_size', 'dtype', 'compile', 'channels_last', 'tf32', 'deterministic')
 # the recipe's knobs that do not shape the network: a resumed run may change them too (the way out
 # of a run that stopped on skipped updates), and says what changed
 RECIPE_KEYS = ('lr', 'lr_start', 'warmup_steps', 'warmup_epochs', 'grad_clip', 'skip_threshold', 'ema_rate',
@@ -120,13 +120,18 @@ def parse_args(argv=None):
     p.add_argument('--optimizer', choices=('adamw', 'adamax'))
     p.add_argument('--lr_schedule', choices=('constant', 'cosine'))
     p.add_argument('--flip', choices=('', 'h', 'hv'), help='random flips of training images')
-    p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), help='autocast dtype of the network (default fp32)')
+    p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'),
+                   help='autocast dtype of the network (default fp32: TF32 convolutions on Ampere and later GPUs)')
+    p.add_argument('--no_tf32', dest='tf32', action='store_const', const=False,
+                   help='full fp32 convolutions and matmuls on GPUs that would use TF32')
+    p.add_argument('--deterministic', action='store_const', const=True,
+                   help='deterministic CUDA kernels, for bit-for-bit resume on GPUs (slower)')
     p.add_argument('--compile', action='store_const', const=True, help='torch.compile the model')
     p.add_argument('--channels_last', action='store_const', const=True, help='channels-last memory format')
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
-                       'channels_last'):
+                       'channels_last', 'tf32', 'deterministic'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
@@ -264,6 +269,21 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def set_precision(config):
+    """Kernel choices of this process. PyTorch runs fp32 convolutions as TF32 (a 10-bit mantissa) on
+    Ampere and later GPUs; tf32=False asks for full fp32 there, convolutions and matmuls. cuDNN's
+    autotuner picks the fastest kernel once per shape (training batches are always full), unless
+    deterministic kernels are asked for: without them a CUDA run is not bit-for-bit on resume."""
+    torch.backends.cudnn.allow_tf32 = config['tf32']
+    if not config['tf32']:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = not config['deterministic']
+    torch.backends.cudnn.deterministic = config['deterministic']
+    if config['deterministic']:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # cuBLAS's condition for determinism
+    torch.use_deterministic_algorithms(config['deterministic'], warn_only=True)   # a warning names any op without one
 
 
 def autocast(config, device):
@@ -470,6 +490,7 @@ def main(argv=None):
         ckpt, ckpt_path, config = resume_config(config, args, ckpt_path)
     if config['dtype'] == 'fp16' and device.type != 'cuda':
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
+    set_precision(config)
     torch.manual_seed(config['seed'])
     model = VAE(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())

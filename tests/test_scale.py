@@ -4,6 +4,7 @@ tests/faults.py, which is train.py with optional faults; `mean_z` removes the po
 that two runs that split the same images over processes differently can be compared exactly."""
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -154,3 +155,41 @@ def test_compiled_model_keeps_plain_state_dict_names():
     out = vae(x, target)
     assert list(vae.state_dict()) == names and not any('_orig_mod' in n for n in names)
     assert torch.isfinite(out['distortion']).all()
+
+
+@pytest.fixture
+def kernel_settings():
+    """set_precision changes process-wide settings: put them back for the tests that follow."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark,
+     torch.backends.cudnn.deterministic) = flags
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+def test_no_tf32_asks_for_full_fp32_and_bench_mfu_uses_the_tf32_peak_when_tf32_is_on(monkeypatch, kernel_settings):
+    import bench
+    train.set_precision(train.make_config(train.parse_args(TINY)))
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark   # PyTorch's default; the autotuner on
+    train.set_precision(train.make_config(train.parse_args([*TINY, '--no_tf32'])))
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'NVIDIA H100 80GB HBM3')
+    assert bench.peak_flops('cuda', 'fp32', tf32=True) == 494.5e12    # the fp32 peak (67e12) gave MFU over 100%
+    assert bench.peak_flops('cuda', 'fp32', tf32=False) == 67e12
+    assert bench.peak_flops('cuda', 'bf16', tf32=True) == 989e12
+
+
+def test_deterministic_turns_on_deterministic_kernels_for_the_run(fake_cifar, tmp_path, monkeypatch, kernel_settings):
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    seen, original_step = [], train.train_step
+
+    def step(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark, os.environ.get('CUBLAS_WORKSPACE_CONFIG')))
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_step', step)
+    train.main([*TINY, '--data_root', fake_cifar, '--out_dir', str(tmp_path), '--max_steps', '1', '--deterministic'])
+    assert seen == [(True, True, False, ':4096:8')]
