@@ -86,7 +86,8 @@ def read_cifar_batch(path):
         raise ValueError(f'{path}: expected uint8 data of shape (N, 3072), found {x.dtype} {x.shape}')
     return x.reshape(-1, 3, 32, 32)
 
-def load_cifar10(root, allow_download):
+def fetch_cifar10(root, allow_download):
+    # -> the folder of pickled batches, downloaded and extracted first where missing
     folder, tarball = root / 'cifar-10-batches-py', root / 'cifar-10-python.tar.gz'
     if not folder.is_dir():  # an existing folder is used as is: copies of it may have other md5s
         if not tarball.exists():
@@ -99,6 +100,10 @@ def load_cifar10(root, allow_download):
             raise ValueError(f'{tarball}: md5 is {got}, expected {CIFAR_MD5}; the file is corrupt or incomplete, delete it and retry')
         with tarfile.open(tarball) as tar:  # the 'data' filter refuses unsafe members, where Python has it
             tar.extractall(root, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+    return folder
+
+def load_cifar10(root, allow_download):
+    folder = fetch_cifar10(root, allow_download)
     train = np.concatenate([read_cifar_batch(folder / f'data_batch_{i}') for i in range(1, 6)])  # (50000, 3, 32, 32)
     test = read_cifar_batch(folder / 'test_batch')
     # the reference's split: sklearn's train_test_split(test_size=5000, random_state=11172018)
@@ -129,7 +134,8 @@ def binarize(x, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.bernoulli(torch.from_numpy(np.array(x)).float() / 255, generator=g) * 255).to(torch.uint8)
 
-def load_mnist(root, allow_download):
+def fetch_mnist(root, allow_download):
+    # -> the folder holding the IDX files (root/mnist or root itself), downloaded first where missing
     have = lambda d: all((d / f).exists() for f in MNIST_FILES)
     folder = next((d for d in (root / 'mnist', root) if have(d)), root / 'mnist')
     if not have(folder):
@@ -139,6 +145,10 @@ def load_mnist(root, allow_download):
         for f in MNIST_FILES:
             if not (folder / f).exists():
                 fetch(MNIST_URL + f, folder / f)
+    return folder
+
+def load_mnist(root, allow_download):
+    folder = fetch_mnist(root, allow_download)
     train = read_idx(folder / MNIST_FILES[0], 2051)[:, None]  # (60000, 1, 28, 28)
     test = read_idx(folder / MNIST_FILES[1], 2051)[:, None]  # (10000, 1, 28, 28)
     tr, va = holdout(len(train), 42)
@@ -249,6 +259,11 @@ def load_folder(root, size):
 
 # -----------------------------------------------------------------------------
 # the entry point
+
+def fetch_dataset(name, data_root, download=True):
+    # download and extract what load_dataset would, and nothing else (the datasets that download)
+    if name in ('cifar10', 'mnist'):
+        (fetch_cifar10 if name == 'cifar10' else fetch_mnist)(Path(data_root).expanduser(), download)
 
 def load_dataset(name, data_root, image_size=None, download=True):
     # -> {'train', 'valid', 'test': uint8 (N, C, H, W) or ImageFolder, 'shift', 'scale', 'binary'}

@@ -262,6 +262,19 @@ def broadcast(obj):
     return box[0]
 
 
+def fetch_data_once(config, rank):
+    """Under torchrun, rank 0 downloads and extracts CIFAR-10 / MNIST while the others wait, then
+    the first rank of every other node, whose data_root may be node-local (on a shared one it finds
+    the files there): ranks writing one file at once leave it truncated or failing its md5."""
+    if not dist.is_initialized() or not config['download']:
+        return
+    node_first = int(os.environ.get('LOCAL_RANK', rank)) == 0
+    for turn in (rank == 0, node_first and rank != 0):
+        if turn:
+            data.fetch_dataset(config['dataset'], config['data_root'])
+        dist.barrier()
+
+
 def gather(obj):
     """[obj of rank 0, obj of rank 1, ...]"""
     if not dist.is_initialized():
@@ -501,6 +514,7 @@ def main(argv=None):
     out_dir = config['out_dir']
     if rank == 0:
         check_out_dir(out_dir, n_params, ckpt is not None or restarted)
+    fetch_data_once(config, rank)
     info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], config['download'])
     batches = data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device)
     ema = VAE(config).to(device).requires_grad_(False)

@@ -13,6 +13,8 @@ Faults (comma-separated; @S = at training step S, counted from 1 in this process
   enospc_save@N   the N-th checkpoint write fails with "No space left on device" half-way
   slow_save@N     the N-th checkpoint write starts 3 s late (a big checkpoint on a slow disk)
   own_out_dir@0:R rank R reads and writes <out_dir>-rank<R> instead: a node-local --out_dir
+HVAE_CIFAR_TARBALL=path: CIFAR-10 downloads fetch that file (its md5 taken as the official one), one
+second after they start, so that ranks downloading at once overlap
 HVAE_DUMP=prefix: each rank writes its final weights to prefix-rank<R>.pt, or when it exits early
 (sys.exit) the listing of its out_dir at that moment to prefix-rank<R>-exit.txt
 """
@@ -22,10 +24,12 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import layers  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
@@ -84,6 +88,10 @@ original_train_step, train.train_step = train.train_step, train_step
 original_forward, model.VAE.forward = model.VAE.forward, forward
 original_clip, torch.nn.utils.clip_grad_norm_ = torch.nn.utils.clip_grad_norm_, clip_grad_norm_
 original_save, torch.save = torch.save, save
+if os.environ.get('HVAE_CIFAR_TARBALL'):
+    data.CIFAR_URL, data.CIFAR_MD5 = Path(os.environ['HVAE_CIFAR_TARBALL']).as_uri(), data.md5(os.environ['HVAE_CIFAR_TARBALL'])
+    original_fetch = data.fetch
+    data.fetch = lambda url, path: time.sleep(1) or original_fetch(url, path)
 if 'mean_z' in FAULTS:
     model.gaussian_sample = lambda mean, logsigma, eps=None: mean if eps is None else layers.gaussian_sample(mean, logsigma, eps)
 

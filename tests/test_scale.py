@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,22 @@ def test_sticky_skip_stop_saves_before_any_rank_exits_and_resume_may_raise_skip_
     resumed = latest(tmp_path)
     assert resumed['step'] == 4 and resumed['counts']['updates'] == 2
     assert resumed['config']['skip_threshold'] == 1e9 and resumed['config']['lr'] == 1e-3
+
+
+def test_two_ranks_on_a_fresh_data_root_download_once_and_end_with_one_intact_copy(fake_cifar, tmp_path):
+    """Under torchrun with nothing in data_root, rank 0 downloads (a local file URL, each download
+    starting 1 s late so that ranks fetching at once would overlap) and extracts; rank 1 waits,
+    then finds the files."""
+    tarball = tmp_path / 'mirror.tar.gz'
+    with tarfile.open(tarball, 'w:gz') as tar:
+        tar.add(Path(fake_cifar) / 'cifar-10-batches-py', arcname='cifar-10-batches-py')
+    root = tmp_path / 'data'
+    p = launch(tmp_path / 'out', 1, 4, nproc=2, data_root=root, env={'HVAE_CIFAR_TARBALL': str(tarball)})
+    assert p.stdout.count('downloading') == 1
+    assert sorted(f.name for f in root.iterdir()) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']
+    assert (root / 'cifar-10-python.tar.gz').read_bytes() == tarball.read_bytes()
+    for f in (Path(fake_cifar) / 'cifar-10-batches-py').iterdir():
+        assert (root / 'cifar-10-batches-py' / f.name).read_bytes() == f.read_bytes()
 
 
 def test_one_rank_s_nan_loss_and_another_rank_s_inf_gradient_skip_on_every_rank(fake_cifar, tmp_path):
