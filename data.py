@@ -205,7 +205,7 @@ def load_image(path, size):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 class ImageFolder(torch.utils.data.Dataset):
-    # a list of image files; an unreadable one gives None, dropped later by collate()
+    # a list of image files; an unreadable one gives None (replaced in training, dropped in evaluation)
     def __init__(self, files, image_size):
         self.files, self.image_size = [str(f) for f in files], image_size
         self.shape = (len(self.files), 3, image_size, image_size)  # as a tensor split's
@@ -220,13 +220,19 @@ class ImageFolder(torch.utils.data.Dataset):
         except Exception as e:
             if i not in self.reported:
                 self.reported.add(i)
-                print(f'skipping unreadable image {self.files[i]} ({type(e).__name__}: {e})')
+                print(f'unreadable image {self.files[i]} ({type(e).__name__}: {e})')
             return None
 
 def collate(items):
     # drop the Nones of unreadable images; also say how many there were
     good = [x for x in items if x is not None]
     return (torch.stack(good) if good else None), len(items) - len(good)
+
+def collate_in_place(items):
+    # a training batch at full size: zeros where an image was unreadable, and those places
+    bad = [i for i, x in enumerate(items) if x is None]
+    good = next((x for x in items if x is not None), None)
+    return (torch.stack([torch.zeros_like(good) if x is None else x for x in items]) if good is not None else None), bad
 
 def list_images(folder):
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -350,11 +356,11 @@ class Batches:
         self.epoch, self.index = epoch, index
 
 class FolderBatches(Batches):
-    # the same stream over an ImageFolder, decoded by DataLoader workers; unreadable files are dropped
+    # the same stream over an ImageFolder, decoded by DataLoader workers; unreadable files are replaced
     def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, num_workers=2, device='cpu'):
         super().__init__(dataset, batch_size, seed, rank, world_size)
         self.num_workers, self.device = num_workers, torch.device(device)
-        self.skipped = 0  # unreadable files met so far
+        self.skipped = 0  # unreadable files replaced so far
         self.loader = None
 
     def batch_indices(self):
@@ -367,16 +373,33 @@ class FolderBatches(Batches):
             epoch, index = epoch + 1, 0
 
     def next(self):
-        while True:
-            if self.loader is None:
-                self.loader = iter(torch.utils.data.DataLoader(
-                    self.images, batch_sampler=self.batch_indices(), num_workers=self.num_workers,
-                    collate_fn=collate, pin_memory=self.device.type == 'cuda'))
-            x, skipped = next(self.loader)
-            self.skipped += skipped
-            self.advance()
-            if x is not None:  # None: every file of the batch was unreadable
-                return x.to(self.device, non_blocking=True)
+        if self.loader is None:
+            self.loader = iter(torch.utils.data.DataLoader(
+                self.images, batch_sampler=self.batch_indices(), num_workers=self.num_workers,
+                collate_fn=collate_in_place, pin_memory=self.device.type == 'cuda'))
+        x, bad = next(self.loader)
+        if bad:
+            x = self.replace(x, bad)
+        self.skipped += len(bad)
+        self.advance()
+        return x.to(self.device, non_blocking=True)
+
+    def replace(self, x, bad):
+        # an unreadable image gives its place to the next readable one of this rank's shard (in the
+        # epoch's order, wrapping round): no batch shrinks, so shapes (no recompile under --compile)
+        # and data positions stay the same on every rank
+        shard = self.shard(self.epoch).tolist()
+        start = self.index * self.batch_size
+        rows = list(x) if x is not None else [None] * len(bad)
+        for pos in bad:
+            for k in range(1, len(shard)):
+                image = self.images[shard[(start + pos + k) % len(shard)]]
+                if image is not None:
+                    break
+            else:
+                raise ValueError(f'no readable image among the {len(shard)} files of this rank\'s share of the epoch')
+            rows[pos] = image
+        return torch.stack(rows)
 
     def load_state_dict(self, state):
         super().load_state_dict(state)

@@ -610,7 +610,7 @@ def main(argv=None):
             print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
                    f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {counts['skipped']} | "
                    f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}"
-                   + (f" | {rec['unreadable_images']} unreadable images skipped" if bad_images else ''), flush=True)
+                   + (f" | {rec['unreadable_images']} unreadable images replaced" if bad_images else ''), flush=True)
             if rank == 0:
                 log(rec, log_path)
             window, t_log = [], time.time()

@@ -162,4 +162,4 @@ def test_image_folder_with_bad_files_trains_and_counts_them_in_the_log(tmp_path)
             '--out_dir', tmp_path / 'run', '--max_steps', steps, '--log_every', steps)
     record = json.loads((tmp_path / 'run' / 'log.jsonl').read_text().splitlines()[-1])
     assert bad_in_train >= 1 and record.get('unreadable_images') == bad_in_train
-    assert f'{bad_in_train} unreadable images skipped' in p.stdout and 'skipping unreadable image' in p.stdout
+    assert f'{bad_in_train} unreadable images replaced' in p.stdout and 'unreadable image' in p.stdout
