@@ -237,13 +237,31 @@ def collate_in_place(items):
 def list_images(folder):
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
-def load_folder(root, size):
+def stored_folder(root, size, files):
+    # the split a checkpoint stored (file names relative to root): images added since are left out,
+    # so test images never move into training
+    splits = {k: [root / f for f in names] for k, names in files.items()}
+    gone = [f for names in splits.values() for f in names if not f.is_file()]
+    if gone:
+        raise FileNotFoundError(f"{len(gone)} images of the checkpoint's train/valid/test split are missing from {root} "
+                                f"(e.g. {gone[0]}): point data_root at the folder the run was trained on")
+    return [ImageFolder(splits[k], size) for k in ('train', 'valid', 'test')]
+
+def load_folder(root, size, folders='', files=None):
+    # files: a stored split (stored_folder); folders: comma-separated sub-folders of root to read,
+    # e.g. FFHQ's images1024x1024 (beside it, thumbnails128x128 holds the same faces again)
     if size is None:
         raise ValueError("the 'folder' dataset needs image_size (the side of the square training images)")
     if not root.is_dir():
         raise FileNotFoundError(f'image folder {root} not found: point data_root at a folder of png/jpg/jpeg/webp images')
+    if files is not None:
+        return stored_folder(root, size, files)
+    missing = [f for f in folders.split(',') if f and not (root / f).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no sub-folder {missing[0]}/ in {root}: --folders names the sub-folders of data_root "
+                                f"to read ('' for all of it)")
     pick = lambda files, idx: [files[i] for i in sorted(idx)]
-    if (root / 'train').is_dir() and (root / 'test').is_dir():
+    if (root / 'train').is_dir() and (root / 'test').is_dir() and not folders:
         train, test = list_images(root / 'train'), list_images(root / 'test')
         if (root / 'valid').is_dir():
             valid = list_images(root / 'valid')
@@ -251,17 +269,18 @@ def load_folder(root, size):
             perm = np.random.RandomState(42).permutation(len(train))
             k = max(1, len(train) // 20)
             train, valid = pick(train, perm[k:]), pick(train, perm[:k])
-    else:  # one folder: 90% train, 5% valid, 5% test (at least one image each)
-        files = list_images(root)
+    else:  # one folder, or the named sub-folders as one: 90% train, 5% valid, 5% test (at least one image each)
+        files = sorted(f for sub in folders.split(',') if sub for f in list_images(root / sub)) if folders else list_images(root)
         perm = np.random.RandomState(42).permutation(len(files))
         k = max(1, len(files) // 20)
         train, valid, test = pick(files, perm[2 * k:]), pick(files, perm[k:2 * k]), pick(files, perm[:k])
     if not (train and valid and test):
         raise FileNotFoundError(f'too few images in {root}: need at least one image each for train, valid and test')
-    train, valid, test = (ImageFolder(f, size) for f in (train, valid, test))
+    return [ImageFolder(f, size) for f in (train, valid, test)]
+
+def folder_moments(train):
     idx = np.random.RandomState(0).permutation(len(train))[:1000]
-    shift, scale = moments(x for x in map(train.__getitem__, idx) if x is not None)
-    return dict(train=train, valid=valid, test=test, shift=shift, scale=scale, binary=False)
+    return moments(x for x in map(train.__getitem__, idx) if x is not None)
 
 # -----------------------------------------------------------------------------
 # the entry point
@@ -271,10 +290,19 @@ def fetch_dataset(name, data_root, download=True):
     if name in ('cifar10', 'mnist'):
         (fetch_cifar10 if name == 'cifar10' else fetch_mnist)(Path(data_root).expanduser(), download)
 
-def load_dataset(name, data_root, image_size=None, download=True):
+def load_dataset(name, data_root, image_size=None, download=True, record=None, folders=''):
     # -> {'train', 'valid', 'test': uint8 (N, C, H, W) or ImageFolder, 'shift', 'scale', 'binary'}
-    # image_size is required for 'folder' and ignored for the fixed-size datasets
+    # image_size is required for 'folder' and ignored for the fixed-size datasets; record: what a
+    # checkpoint stored (dataset_record), whose split and normalisation are then used
     root = Path(data_root).expanduser()
+    if name == 'folder':
+        train, valid, test = load_folder(root, image_size, folders, record['files'] if record else None)
+        shift, scale = (record['shift'], record['scale']) if record else folder_moments(train)
+        return dict(train=train, valid=valid, test=test, shift=shift, scale=scale, binary=False)
+    info = load_fixed(name, root, download)
+    return dict(info, shift=record['shift'], scale=record['scale']) if record else info
+
+def load_fixed(name, root, download):
     if name == 'cifar10':
         train, valid, test = (torch.from_numpy(x) for x in load_cifar10(root, download))
         return dict(train=train, valid=valid, test=test, shift=-120.63838, scale=1 / 64.16736, binary=False)
@@ -285,9 +313,22 @@ def load_dataset(name, data_root, image_size=None, download=True):
         train, valid, test = load_imagenet(root, int(name[8:]))
         shift, scale = moments(train[i:i + 1000] for i in range(0, min(len(train), 50000), 1000))  # train is shuffled
         return dict(train=train, valid=valid, test=test, shift=shift, scale=scale, binary=False)
-    if name == 'folder':
-        return load_folder(root, image_size)
     raise ValueError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
+
+def load_run_dataset(config, record=None, download=False):
+    # the dataset of a run's config; record: its checkpoint's 'dataset' (None for checkpoints older than it)
+    return load_dataset(config['dataset'], config['data_root'], config['image_size'], download, record,
+                        config.get('folders', ''))
+
+def dataset_record(info, data_root):
+    # what a checkpoint keeps of its data: the input normalisation and, for folders, the split as file
+    # names relative to data_root, so that a resumed run, evaluate.py and sample.py see the same ones
+    # whatever was added to the folder since
+    record = dict(shift=float(info['shift']), scale=float(info['scale']))
+    if isinstance(info['train'], ImageFolder):
+        root = Path(data_root).expanduser()
+        record['files'] = {k: [os.path.relpath(f, root) for f in info[k].files] for k in ('train', 'valid', 'test')}
+    return record
 
 def prepare(batch, info, bits=8, pad=0):
     # uint8 (B, C, H, W) -> (x_in, target), both float32 (B, C, H + 2 pad, W + 2 pad) on the batch's device

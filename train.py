@@ -46,7 +46,8 @@ PRESETS = {
     'ffhq256': dict(dataset='folder', image_size=256, bits=5, width=512, zdim=16, num_mixtures=10,
                     enc_blocks='256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                     dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128',
-                    lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999),
+                    lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999,
+                    folders='images1024x1024'),   # FFHQ's download: not its thumbnails128x128/ beside it
     # layouts from the reference's hps (70 stochastic layers); the reference narrows the 512 and
     # 1024 resolutions, hvae keeps one width everywhere (see README)
     'ffhq1024': dict(dataset='folder', image_size=1024, width=512, zdim=16, num_mixtures=2,
@@ -54,7 +55,8 @@ PRESETS = {
                                 '16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                      dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,'
                                 '256m128,256x2,512m256,1024m512',
-                     lr=7e-5, batch_size=1, grad_clip=360, skip_threshold=500, ema_rate=0.999),
+                     lr=7e-5, batch_size=1, grad_clip=360, skip_threshold=500, ema_rate=0.999,
+                     folders='images1024x1024'),
     # binary MNIST, padded 28 -> 32, Bernoulli likelihood (as the attentive VAE paper)
     'mnist': dict(dataset='mnist', image_size=32, image_channels=1, likelihood='bernoulli', pad=2,
                   width=64, zdim=16, enc_blocks='32x1,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
@@ -87,7 +89,7 @@ DATASET_PRESET = {'cifar10': 'attentive_cifar10', 'mnist': 'attentive_mnist', 'i
                   'imagenet64': 'imagenet64', 'folder': 'ffhq256'}
 # what every preset shares unless it says otherwise
 BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3, no_bias_above=64, bits=8,
-            likelihood='dmol', pad=0, data_root='data', download=True, warmup_steps=100,
+            likelihood='dmol', pad=0, data_root='data', folders='', download=True, warmup_steps=100,
             key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1,
             optimizer='adamw', weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8,
             lr_start=0.0, warmup_epochs=0.0, lr_schedule='constant', lr_min=0.0, epochs=0.0,
@@ -515,7 +517,9 @@ def main(argv=None):
     if rank == 0:
         check_out_dir(out_dir, n_params, ckpt is not None or restarted)
     fetch_data_once(config, rank)
-    info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], config['download'])
+    # a checkpoint's split and normalisation, not recomputed from a folder that may have changed since
+    info = data.load_run_dataset(config, ckpt.get('dataset') if ckpt is not None else None, config['download'])
+    data_record = data.dataset_record(info, config['data_root'])
     batches = data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device)
     ema = VAE(config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -560,7 +564,7 @@ def main(argv=None):
         state = dict(format=CHECKPOINT_FORMAT, config=config, step=step, model=model.state_dict(),
                      ema=ema.state_dict(), optimizer=optimizer.state_dict(), rng=gather(rng_state(device)),
                      data=batches.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start))
+                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start), dataset=data_record)
         return save_checkpoint(state, out_dir, config['keep']) if rank == 0 else None
 
     t_start = t_log = t_save = time.time()

@@ -564,3 +564,18 @@ def test_eval_batches_over_a_folder_yield_the_readable_images_in_order(tmp_path)
     out = list(data.eval_batches(ds, 3, num_workers=0))
     assert [len(o) for o in out] == [3, 2]  # the last batch held one unreadable file only, so it is dropped
     assert torch.equal(torch.cat(out), torch.stack([ds[i] for i in range(5)]))
+
+
+def test_folders_reads_only_the_named_sub_folders_and_ffhq_presets_leave_out_the_thumbnails(tmp_path):
+    for sub in ('images1024x1024/00000', 'thumbnails128x128/00000'):   # FFHQ's download, the same faces twice
+        (tmp_path / sub).mkdir(parents=True)
+        for i in range(30):
+            Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / sub / f'{i:05d}.png')
+    info = data.load_dataset('folder', tmp_path, 8, folders='images1024x1024')
+    files = info['train'].files + info['valid'].files + info['test'].files
+    assert len(files) == 30 and all('/images1024x1024/' in f for f in files)
+    assert sum(len(data.load_dataset('folder', tmp_path, 8)[k]) for k in ('train', 'valid', 'test')) == 60
+    with pytest.raises(FileNotFoundError, match='no sub-folder images/ in'):
+        data.load_dataset('folder', tmp_path, 8, folders='images')
+    import train
+    assert train.PRESETS['ffhq256']['folders'] == train.PRESETS['ffhq1024']['folders'] == 'images1024x1024'
