@@ -8,7 +8,9 @@ Training and sampling throughput of presets x modes, as a markdown table for the
   python bench.py --activations --presets cifar10 ffhq1024 --batch_size 1   # activation memory, meta device
 
 A mode joins a dtype (fp32, bf16, fp16: autocast as in train.py) with `compile` (torch.compile, as
---compile), `cl` (channels_last) and `ckpt` (--grad_checkpoint); the first mode of each preset is the baseline of the ratio
+--compile), `cl` (channels_last), `ckpt` (--grad_checkpoint) and `notf32` (full fp32 convolutions, as
+--no_tf32; plain fp32 runs them as TF32 on Ampere and later GPUs, and MFU is then against the TF32
+peak); the first mode of each preset is the baseline of the ratio
 column, measured in the same run. Every row runs in its own process so that peak memory (CUDA:
 peak allocated; CPU: peak RSS of the process) does not leak between rows. Training images/s is the
 median over timed steps of a synthetic batch (throughput does not depend on pixel values); warm-up
@@ -39,25 +41,28 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from model import VAE
 
-# dense peak FLOP/s per dtype (vendor datasheets, SXM parts); fp32 means tensor-core-free fp32
-PEAK = {'H100': {'bf16': 989e12, 'fp16': 989e12, 'fp32': 67e12},
-        'H200': {'bf16': 989e12, 'fp16': 989e12, 'fp32': 67e12},
-        'A100': {'bf16': 312e12, 'fp16': 312e12, 'fp32': 19.5e12}}
+# dense peak FLOP/s per dtype (vendor datasheets, SXM parts); fp32 means tensor-core-free fp32, tf32
+# is fp32 on the tensor cores: PyTorch's default for fp32 convolutions on these GPUs
+PEAK = {'H100': {'bf16': 989e12, 'fp16': 989e12, 'tf32': 494.5e12, 'fp32': 67e12},
+        'H200': {'bf16': 989e12, 'fp16': 989e12, 'tf32': 494.5e12, 'fp32': 67e12},
+        'A100': {'bf16': 312e12, 'fp16': 312e12, 'tf32': 156e12, 'fp32': 19.5e12}}
 
 
 def parse_mode(mode):
     parts = mode.split('+')
     dtype = next((p for p in parts if p in ('fp32', 'bf16', 'fp16')), 'fp32')
-    unknown = set(parts) - {'fp32', 'bf16', 'fp16', 'compile', 'cl', 'ckpt', 'eager'}
+    unknown = set(parts) - {'fp32', 'bf16', 'fp16', 'compile', 'cl', 'ckpt', 'notf32', 'eager'}
     if unknown:
-        raise ValueError(f'unknown mode part(s) {sorted(unknown)} in {mode!r}: use fp32|bf16|fp16, compile, cl, ckpt joined by +')
+        raise ValueError(f'unknown mode part(s) {sorted(unknown)} in {mode!r}: use fp32|bf16|fp16, compile, cl, ckpt, notf32 joined by +')
     return dtype, 'compile' in parts, 'cl' in parts, 'ckpt' in parts
 
 
-def peak_flops(device, dtype):
+def peak_flops(device, dtype, tf32=False):
+    # fp32 with TF32 on (train.set_precision) runs at the tf32 peak: against the fp32 one MFU tops 100%
     if not device.startswith('cuda'):
         return None
     name = torch.cuda.get_device_name(device)
+    dtype = 'tf32' if dtype == 'fp32' and tf32 else dtype
     return next((p[dtype] for key, p in PEAK.items() if key in name), None)
 
 
@@ -88,8 +93,10 @@ def measure(preset, batch_size, mode, steps, warmup, device):
     """One row, in this process -> dict of figures."""
     dtype, compile, channels_last, grad_checkpoint = parse_mode(mode)
     flags = ['--preset', preset, '--batch_size', str(batch_size), '--dtype', dtype]
+    flags += ['--no_tf32'] * ('notf32' in mode.split('+'))
     config = train.make_config(train.parse_args(flags + ['--compile'] * compile + ['--channels_last'] * channels_last))
     dev = torch.device(device)
+    train.set_precision(config)   # TF32 and cuDNN's autotuner as train.py sets them
     torch.manual_seed(0)
     model = VAE(config).to(dev).set_grad_checkpoint(grad_checkpoint)
     optimizer = train.make_optimizer(model, config)
@@ -130,7 +137,7 @@ def measure(preset, batch_size, mode, steps, warmup, device):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
     step_s = statistics.median(times)
-    peak_f = peak_flops(device, dtype)
+    peak_f = peak_flops(device, dtype, config['tf32'] and torch.backends.cudnn.allow_tf32)
     return dict(preset=preset, mode=mode, batch=batch_size, step_s=step_s, loss=losses[-1], train_ips=batch_size / step_s,
                 sample_ips=batch_size / statistics.median(sample_times[1:]), warmup_s=warmup_s, peak_gib=peak,
                 tflops=flops / step_s / 1e12, mfu=flops / step_s / peak_f if peak_f else None,

@@ -46,7 +46,8 @@ PRESETS = {
     'ffhq256': dict(dataset='folder', image_size=256, bits=5, width=512, zdim=16, num_mixtures=10,
                     enc_blocks='256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                     dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128',
-                    lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999),
+                    lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999,
+                    folders='images1024x1024'),   # FFHQ's download: not its thumbnails128x128/ beside it
     # the reference's hps (70 stochastic layers): 16 channels at 1024, 32 at 512, 64 at 256, 512 below
     'ffhq1024': dict(dataset='folder', image_size=1024, width=16, zdim=16, num_mixtures=2,
                      custom_width='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512',
@@ -54,7 +55,8 @@ PRESETS = {
                                 '16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                      dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,'
                                 '256m128,256x2,512m256,1024m512',
-                     lr=7e-5, batch_size=1, grad_clip=360, skip_threshold=500, ema_rate=0.999),
+                     lr=7e-5, batch_size=1, grad_clip=360, skip_threshold=500, ema_rate=0.999,
+                     folders='images1024x1024'),
     # binary MNIST, padded 28 -> 32, Bernoulli likelihood (as the attentive VAE paper)
     'mnist': dict(dataset='mnist', image_size=32, image_channels=1, likelihood='bernoulli', pad=2,
                   width=64, zdim=16, enc_blocks='32x1,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
@@ -87,19 +89,23 @@ DATASET_PRESET = {'cifar10': 'attentive_cifar10', 'mnist': 'attentive_mnist', 'i
                   'imagenet64': 'imagenet64', 'folder': 'ffhq256'}
 # what every preset shares unless it says otherwise
 BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3, no_bias_above=64, bits=8,
-            likelihood='dmol', pad=0, data_root='data', download=True, warmup_steps=100,
+            likelihood='dmol', pad=0, data_root='data', folders='', download=True, warmup_steps=100,
             key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1, custom_width='',
             optimizer='adamw', weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8,
             lr_start=0.0, warmup_epochs=0.0, lr_schedule='constant', lr_min=0.0, epochs=0.0,
             kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,
             max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
             eval_every=5000, eval_batches=0, save_every=0, save_every_minutes=30.0, keep=2, out_dir='out',
-            dtype='fp32', compile=False, channels_last=False, grad_checkpoint=False)
+            dtype='fp32', compile=False, channels_last=False, grad_checkpoint=False, tf32=True, deterministic=False)
 # flags that only steer this run: a resumed run may change them, the rest must match
 # (batch_size is per process: a run resumed on another number of processes may change it)
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
             'eval_every', 'eval_batches', 'save_every', 'save_every_minutes', 'keep', 'out_dir',
-            'batch_size', 'dtype', 'compile', 'channels_last', 'grad_checkpoint')
+            'batch_size', 'dtype', 'compile', 'channels_last', 'grad_checkpoint', 'tf32', 'deterministic')
+# the recipe's knobs that do not shape the network: a resumed run may change them too (the way out
+# of a run that stopped on skipped updates), and says what changed
+RECIPE_KEYS = ('lr', 'lr_start', 'warmup_steps', 'warmup_epochs', 'grad_clip', 'skip_threshold', 'ema_rate',
+               'kl_weight_start', 'kl_warmup_epochs')
 
 
 def parse_args(argv=None):
@@ -116,7 +122,12 @@ def parse_args(argv=None):
     p.add_argument('--optimizer', choices=('adamw', 'adamax'))
     p.add_argument('--lr_schedule', choices=('constant', 'cosine'))
     p.add_argument('--flip', choices=('', 'h', 'hv'), help='random flips of training images')
-    p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), help='autocast dtype of the network (default fp32)')
+    p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'),
+                   help='autocast dtype of the network (default fp32: TF32 convolutions on Ampere and later GPUs)')
+    p.add_argument('--no_tf32', dest='tf32', action='store_const', const=False,
+                   help='full fp32 convolutions and matmuls on GPUs that would use TF32')
+    p.add_argument('--deterministic', action='store_const', const=True,
+                   help='deterministic CUDA kernels, for bit-for-bit resume on GPUs (slower)')
     p.add_argument('--compile', action='store_const', const=True, help='torch.compile the model')
     p.add_argument('--channels_last', action='store_const', const=True, help='channels-last memory format')
     p.add_argument('--grad_checkpoint', action='store_const', const=True,
@@ -124,7 +135,7 @@ def parse_args(argv=None):
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
-                       'channels_last', 'grad_checkpoint'):
+                       'channels_last', 'grad_checkpoint', 'tf32', 'deterministic'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
@@ -246,6 +257,28 @@ def agree(device, *flags):
     return [f > 0 for f in all_mean(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
 
 
+def broadcast(obj):
+    """Rank 0's obj on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fetch_data_once(config, rank):
+    """Under torchrun, rank 0 downloads and extracts CIFAR-10 / MNIST while the others wait, then
+    the first rank of every other node, whose data_root may be node-local (on a shared one it finds
+    the files there): ranks writing one file at once leave it truncated or failing its md5."""
+    if not dist.is_initialized() or not config['download']:
+        return
+    node_first = int(os.environ.get('LOCAL_RANK', rank)) == 0
+    for turn in (rank == 0, node_first and rank != 0):
+        if turn:
+            data.fetch_dataset(config['dataset'], config['data_root'])
+        dist.barrier()
+
+
 def gather(obj):
     """[obj of rank 0, obj of rank 1, ...]"""
     if not dist.is_initialized():
@@ -253,6 +286,21 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def set_precision(config):
+    """Kernel choices of this process. PyTorch runs fp32 convolutions as TF32 (a 10-bit mantissa) on
+    Ampere and later GPUs; tf32=False asks for full fp32 there, convolutions and matmuls. cuDNN's
+    autotuner picks the fastest kernel once per shape (training batches are always full), unless
+    deterministic kernels are asked for: without them a CUDA run is not bit-for-bit on resume."""
+    torch.backends.cudnn.allow_tf32 = config['tf32']
+    if not config['tf32']:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = not config['deterministic']
+    torch.backends.cudnn.deterministic = config['deterministic']
+    if config['deterministic']:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # cuBLAS's condition for determinism
+    torch.use_deterministic_algorithms(config['deterministic'], warn_only=True)   # a warning names any op without one
 
 
 def autocast(config, device):
@@ -380,19 +428,35 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def resume_config(config, args, out_dir):
-    """The latest checkpoint in out_dir and its config; flags may change run keys only."""
+def agreed_checkpoint(out_dir, required):
+    """The checkpoint every rank resumes from: rank 0's latest, looked up by name in each rank's own
+    out_dir (one shared folder, or per-node folders at the same path). Ranks resuming from
+    different checkpoints, or some not at all, would diverge and hang on mismatched collectives,
+    so a rank that cannot see it stops the run. -> its path, or None when there is none."""
     paths = checkpoint_paths(out_dir)
-    if not paths:
-        raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
-    ckpt = load_checkpoint(paths[-1])
+    name = broadcast(os.path.basename(paths[-1]) if paths else None)
+    if name is None:
+        if required:
+            raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
+        return None
+    path = os.path.join(out_dir, name)
+    blind = [str(r) for r, seen in enumerate(gather(os.path.exists(path))) if not seen]
+    if blind:
+        raise FileNotFoundError(f"rank {', '.join(blind)} cannot see {path}, rank 0's latest checkpoint: share "
+                                f"--out_dir between nodes, or copy the checkpoint into every node's --out_dir")
+    return path
+
+
+def resume_config(config, args, path):
+    """The checkpoint at path and its config; flags may change run and recipe keys only."""
+    ckpt = load_checkpoint(path)
     saved = {**{k: BASE[k] for k in RUN_KEYS if k in BASE}, **ckpt['config']}
     given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
     clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))
-             if k not in RUN_KEYS and saved.get(k) != config[k]]
+             if k not in RUN_KEYS + RECIPE_KEYS and saved.get(k) != config[k]]
     if clash:
-        raise ValueError(f"{paths[-1]} was written by another configuration: {', '.join(clash)}")
-    return ckpt, paths[-1], {**saved, **{k: config[k] for k in RUN_KEYS if k in given}}
+        raise ValueError(f"{path} was written by another configuration: {', '.join(clash)}")
+    return ckpt, path, {**saved, **{k: config[k] for k in RUN_KEYS + RECIPE_KEYS if k in given}}
 
 
 class StopSignal:
@@ -437,10 +501,13 @@ def main(argv=None):
     print0 = print if rank == 0 else (lambda *a, **k: None)
     restarted = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0   # torchrun restarted the group
     ckpt = ckpt_path = None
-    if args.resume or (restarted and checkpoint_paths(config['out_dir'])):
-        ckpt, ckpt_path, config = resume_config(config, args, config['out_dir'])
+    if args.resume or restarted:   # rank 0 chooses the checkpoint, for every rank
+        ckpt_path = agreed_checkpoint(config['out_dir'], required=args.resume)
+    if ckpt_path:
+        ckpt, ckpt_path, config = resume_config(config, args, ckpt_path)
     if config['dtype'] == 'fp16' and device.type != 'cuda':
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
+    set_precision(config)
     torch.manual_seed(config['seed'])
     model = VAE(config).to(device).set_grad_checkpoint(config['grad_checkpoint'])
     n_params = sum(p.numel() for p in model.parameters())
@@ -451,7 +518,10 @@ def main(argv=None):
     out_dir = config['out_dir']
     if rank == 0:
         check_out_dir(out_dir, n_params, ckpt is not None or restarted)
-    info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], config['download'])
+    fetch_data_once(config, rank)
+    # a checkpoint's split and normalisation, not recomputed from a folder that may have changed since
+    info = data.load_run_dataset(config, ckpt.get('dataset') if ckpt is not None else None, config['download'])
+    data_record = data.dataset_record(info, config['data_root'])
     batches = data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device)
     ema = VAE(config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -473,6 +543,11 @@ def main(argv=None):
         else:   # more ranks than the run that wrote it
             torch.manual_seed(config['seed'] + rank + 7919 * step)
         print0(f'resumed from step {step} of {ckpt_path}')
+        changed = [f"{k} {ckpt['config'].get(k)!r} -> {config[k]!r}" for k in RECIPE_KEYS
+                   if ckpt['config'].get(k) != config[k]]
+        if changed:
+            print0(f"recipe changed on resume: {', '.join(changed)}")
+        ckpt = None   # the loaded dict is a second copy of the weights and optimiser (~2 GB at ImageNet-64 size)
     if config['channels_last']:
         model = model.to(memory_format=torch.channels_last)
     if config['compile']:
@@ -491,7 +566,7 @@ def main(argv=None):
         state = dict(format=CHECKPOINT_FORMAT, config=config, step=step, model=model.state_dict(),
                      ema=ema.state_dict(), optimizer=optimizer.state_dict(), rng=gather(rng_state(device)),
                      data=batches.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start))
+                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start), dataset=data_record)
         return save_checkpoint(state, out_dir, config['keep']) if rank == 0 else None
 
     t_start = t_log = t_save = time.time()
@@ -506,6 +581,8 @@ def main(argv=None):
             counts['skips_in_row'] += 1
             if counts['skips_in_row'] >= config['max_skips_in_row']:
                 path = save()
+                if dist.is_initialized():
+                    dist.barrier()   # rank 0's write is done: torchrun kills the group when one rank exits
                 print0(f"stopping at step {step}: {counts['skips_in_row']} updates in a row skipped "
                        f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {config['skip_threshold']}, "
                        f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}", file=sys.stderr)
@@ -519,7 +596,7 @@ def main(argv=None):
         signalled, out_of_time, save_due = agree(
             device, stop.name is not None, config['max_minutes'] and minutes >= config['max_minutes'],
             (config['save_every'] and step % config['save_every'] == 0)
-            or time.time() - t_save >= 60 * config['save_every_minutes'])
+            or (config['save_every_minutes'] > 0 and time.time() - t_save >= 60 * config['save_every_minutes']))
         done = (step >= config['max_steps'] or (config['epochs'] and step >= config['epochs'] * spe)
                 or out_of_time or signalled)
         if step % config['log_every'] == 0 or done:
@@ -539,7 +616,7 @@ def main(argv=None):
             print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
                    f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {counts['skipped']} | "
                    f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}"
-                   + (f" | {rec['unreadable_images']} unreadable images skipped" if bad_images else ''), flush=True)
+                   + (f" | {rec['unreadable_images']} unreadable images replaced" if bad_images else ''), flush=True)
             if rank == 0:
                 log(rec, log_path)
             window, t_log = [], time.time()

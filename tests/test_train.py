@@ -1,7 +1,9 @@
 """train.py, sample.py and evaluate.py as a user runs them: end to end on the real CIFAR-10 files,
 exact resume, and a one-line error for every kind of bad input."""
+import gc
 import math
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,29 @@ def test_resume_is_exact_2n_steps_equal_n_plus_n(fake_cifar, tmp_path):
     for key in ('model', 'ema', 'optimizer', 'data', 'rng'):
         assert_same_tree(whole[key], split[key])
     assert whole['counts']['updates'] == split['counts']['updates'] == 2 * n
+
+
+def test_a_resumed_run_drops_the_loaded_checkpoint_before_training(fake_cifar, tmp_path, monkeypatch):
+    """The checkpoint dict is a second copy of the weights and the optimiser (about 2 GB per rank at
+    ImageNet-64 size): no reference to it may outlive the loading."""
+    tiny_run(fake_cifar, tmp_path, 1)
+    loaded, alive = [], []
+
+    def load(path, *args, **kwargs):
+        ckpt = load_checkpoint(path, *args, **kwargs)
+        loaded.append(weakref.ref(next(iter(ckpt['model'].values()))))
+        return ckpt
+
+    def step(*args, **kwargs):
+        gc.collect()
+        alive.append(loaded[0]() is not None)
+        return original_step(*args, **kwargs)
+
+    original_step = train.train_step
+    monkeypatch.setattr(train, 'load_checkpoint', load)
+    monkeypatch.setattr(train, 'train_step', step)
+    tiny_run(fake_cifar, tmp_path, 2, '--resume')
+    assert len(loaded) == 1 and alive == [False]
 
 
 def test_missing_data_folder_names_the_path_and_how_to_download(tmp_path):
