@@ -46,7 +46,8 @@ except ImportError:
 
 MAGIC, VERSION = b'\x89HVZ\r\n\x1a\n', 1
 GRID_STEP = 1 / 16     # the latent grid, in prior standard deviations (README: its measured cost)
-GRID_RANGE = 2048      # grid points each side of the prior mean: +-128 prior sigmas
+GRID_RANGE = 32 * 16   # grid points each side of the prior mean: +-32 prior sigmas
+WINDOW = 8 * 16        # the posterior is coded on +-8 prior sigmas about its mean (see grid_posterior)
 BATCH = 32             # tiles per network pass once the stack holds enough bits
 PRECISION = 24         # constriction's probabilities are multiples of 2^-24: a pop takes <= 24 bits
 
@@ -57,7 +58,7 @@ class Models:
         if constriction is None:
             raise ValueError('compress.py needs constriction: pip install constriction')
         m = constriction.stream.model
-        self.gaussian = m.QuantizedGaussian(-GRID_RANGE, GRID_RANGE)                  # posterior: mean, std per symbol
+        self.gaussian = m.QuantizedGaussian(-WINDOW, WINDOW)                          # posterior: mean, std per symbol
         self.prior = m.QuantizedGaussian(-GRID_RANGE, GRID_RANGE, 0.0, 1 / GRID_STEP)  # prior, in its own units
         self.categorical = m.Categorical(perfect=False)                               # pixels: a table per symbol
         self.low_bits = m.Uniform(8)                                                  # 5-bit models: bits 0..2
@@ -85,11 +86,17 @@ def flat(t):
 
 
 def grid_posterior(prior, posterior):
-    """q(z_l | x, z_<l) in grid units: a Gaussian of mean (mean_q - mean_p) / (GRID_STEP sigma_p) and
-    std sigma_q / (GRID_STEP sigma_p); the prior in these units is N(0, 1 / GRID_STEP^2) everywhere."""
+    """q(z_l | x, z_<l) in grid units, k = (z - mean_p) / (GRID_STEP sigma_p): a Gaussian of mean
+    (mean_q - mean_p) / (GRID_STEP sigma_p) and std sigma_q / (GRID_STEP sigma_p); the prior in these
+    units is N(0, 1 / GRID_STEP^2) everywhere. The coder gives every point of a model's range at
+    least 2^-24, so a pop lands anywhere in the range with that chance per point: the posterior is
+    coded as k - centre on a window of +-WINDOW points about its rounded mean, not on the whole
+    range. -> centre (int), the mean and std relative to it."""
     (mean_p, sigma_p), (mean_q, sigma_q) = map(flat, prior), map(flat, posterior)
     unit = GRID_STEP * sigma_p
-    return (mean_q - mean_p) / unit, np.maximum(sigma_q / unit, 1e-12)
+    mean = (mean_q - mean_p) / unit
+    centre = np.clip(np.rint(mean), WINDOW - GRID_RANGE, GRID_RANGE - WINDOW).astype(np.int32)
+    return centre, mean - centre, np.maximum(sigma_q / unit, 1e-12)
 
 
 def on_grid(prior, k):
@@ -129,8 +136,8 @@ class Codec:
         ks = []
 
         def pick(l, prior, posterior):      # 1. pop z_l ~ Q(z_l | x, z_<l): the bits we get back later
-            mean, std = grid_posterior(prior, posterior)
-            ks.append(self.clock.time('coder', coder.decode, self.models.gaussian, mean, std))
+            centre, mean, std = grid_posterior(prior, posterior)
+            ks.append(centre + self.clock.time('coder', coder.decode, self.models.gaussian, mean, std))
             return on_grid(prior, ks[-1])
 
         t, before = time.perf_counter(), coder.num_bits()
@@ -180,8 +187,8 @@ class Codec:
         t = time.perf_counter()
         self.vae.top_down(self.prepare(tiles)[0], pick_posterior)
         self.clock.seconds['network'] += time.perf_counter() - t
-        for k, (mean, std) in reversed(list(zip(ks, posteriors))):   # 1. push z back: the bits are returned
-            self.clock.time('coder', coder.encode_reverse, k, self.models.gaussian, mean, std)
+        for k, (centre, mean, std) in reversed(list(zip(ks, posteriors))):   # 1. push z back: the bits are returned
+            self.clock.time('coder', coder.encode_reverse, k - centre, self.models.gaussian, mean, std)
         return tiles
 
 
@@ -415,7 +422,7 @@ def compress(codec, images, modes, names, batch=BATCH, borrow=1, progress=None):
     words, sizes, stats = encode_all(codec, np.concatenate(tiles), np.concatenate(masks), batch, borrow, progress)
     header = dict(checkpoint=codec.fingerprint, config=codec.config, weights=codec.weights, norm=codec.norm,
                   images=[dict(name=n, height=p.shape[1], width=p.shape[2], mode=m) for n, p, m in zip(names, images, modes)],
-                  tile=T, batches=sizes, grid=dict(step=GRID_STEP, range=GRID_RANGE), seed_words=stats['seed_words'],
+                  tile=T, batches=sizes, grid=dict(step=GRID_STEP, range=GRID_RANGE, window=WINDOW), seed_words=stats['seed_words'],
                   untouched=stats['untouched'], threads=torch.get_num_threads(), pixels_sha256=pixels_hash(images),
                   **environment(codec.device))
     return header, words, stats
@@ -430,7 +437,7 @@ def check_header(header, codec, path):
     wrong = [f'{k} {header[k]} (here {here[k]})' for k in here if header[k] != here[k]]
     if wrong:
         raise ValueError(f"{path} was written with {', '.join(wrong)}; decode it with the same")
-    if header['grid'] != dict(step=GRID_STEP, range=GRID_RANGE):
+    if header['grid'] != dict(step=GRID_STEP, range=GRID_RANGE, window=WINDOW):
         raise ValueError(f"{path} uses the latent grid {header['grid']}; this compress.py codes on another")
 
 

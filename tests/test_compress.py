@@ -208,15 +208,16 @@ def test_coded_size_of_a_batch_is_the_models_minus_log2_probabilities(ckpts, cif
     codec.encode(coder, tiles, np.ones((4, 32, 32), bool))
     coded = coder.num_valid_bits() - before
 
-    def gauss_bits(k, mean, std):          # -log2 of the grid bin's mass (the coder gives each bin >= 2^-24)
+    def gauss_bits(k, mean, std, r):   # -log2 of the bin's mass on [-r, r] (the coder gives each bin >= 2^-24)
         k, mean, std = (torch.as_tensor(np.asarray(a, np.float64)) for a in (k, mean, std))
-        lo, hi = (k - 0.5 - mean) / std, (k + 0.5 - mean) / std
-        upper = lo > 0                      # in the upper tail the survival function, without cancellation
-        mass = torch.where(upper, torch.special.ndtr(-lo) - torch.special.ndtr(-hi),
-                           torch.special.ndtr(hi) - torch.special.ndtr(lo))
-        return -torch.log2(mass.clamp(min=2.0 ** -24)).sum().item()
+        def mass(a, b):                 # in the upper tail the survival function, without cancellation
+            a, b = (a - mean) / std, (b - mean) / std
+            return torch.where(a > 0, torch.special.ndtr(-a) - torch.special.ndtr(-b), torch.special.ndtr(b) - torch.special.ndtr(a))
+        p = mass(k - 0.5, k + 0.5) / mass(torch.tensor(-r - 0.5), torch.tensor(r + 0.5))
+        return -torch.log2(p.clamp(min=2.0 ** -24)).sum().item()
 
-    latent = sum(gauss_bits(k, 0.0, 1 / compress.GRID_STEP) - gauss_bits(k, m, s) for k, (m, s) in zip(ks, posteriors))
+    latent = sum(gauss_bits(k, 0.0, 1 / compress.GRID_STEP, compress.GRID_RANGE) - gauss_bits(k - c, m, s, compress.WINDOW)
+                 for k, (c, m, s) in zip(ks, posteriors))
     x_in, target = codec.prepare(tiles)
     params = codec.vae.top_down(x_in, lambda l, prior, posterior: on_grid(prior, ks[l]))
     log_p = [codec.vae.pixel_log_probs(params, target, c).gather(-1, tiles[:, c, ..., None].long()) for c in range(3)]
