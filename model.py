@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
 from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
-                    bernoulli_nll, bernoulli_sample, to_uint8)
+                    bernoulli_nll, bernoulli_sample, to_uint8, dmol_channel_log_probs, bernoulli_channel_log_probs)
 
 # hyperparameters a config may leave out (names as in the reference code)
 DEFAULTS = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3,
@@ -404,6 +404,38 @@ class VAE(nn.Module):
     def posterior_latents(self, x):
         """Latents of every layer drawn from the posterior of images x: list of (B, z, r, r)."""
         return self.decoder(self.encoder(x))[1]
+
+    # the interface of a lossless codec (compress.py): the walk with a chosen z per layer, and the
+    # likelihood of every symbol value
+    @torch.no_grad()
+    def top_down(self, x, pick, n=None):
+        """Walk the stochastic layers top to bottom; layer l continues with
+        z = pick(l, (mean_p, sigma_p), (mean_q, sigma_q) or None), each (B, z, r, r). x: encoder
+        input (B, C, H, W), or None for n images (no posterior). -> head params (B, out, H, W)."""
+        dec = self.decoder
+        feats = self.encoder(x) if x is not None else None
+        n = len(x) if x is not None else n
+        (xs, carry), closers = dec.start(n), dec.closer_features(feats) if feats is not None else [None] * len(dec.layers)
+        for i, (layer, closer) in enumerate(zip(dec.layers, closers)):
+            h = dec.layer_input(xs, layer, n, dec.gain)
+            prior_in = layer.condition(h, carry)
+            mean_p, logsig_p, h_new = layer.prior_params(prior_in, h)
+            posterior = None
+            if feats is not None:
+                mean_q, logsig_q = layer.posterior_params(h, prior_in, feats, closer, mean_p, logsig_p)
+                posterior = (mean_q, torch.exp(logsig_q))
+            z = pick(i, (mean_p, torch.exp(logsig_p)), posterior)
+            xs[layer.res], carry = layer.emit(h_new, z, carry)
+        return dec.output(xs[dec.out_res])
+
+    def pixel_log_probs(self, params, x, c):
+        """log p(x_c = v | z, x_<c) of every value v of channel c over the unpadded image:
+        (B, H, W, K), K = 2^bits (mixture of logistics) or 2 (Bernoulli). x: likelihood target;
+        its channels >= c are not read. Summed over the channels at the true values: -nll."""
+        params, x = self.crop(params).float(), self.crop(x).float()
+        if self.config['likelihood'] == 'dmol':
+            return dmol_channel_log_probs(params, x, c, self.config['bits'])
+        return bernoulli_channel_log_probs(params[:, c])
 
     @torch.no_grad()
     def sample(self, n, temperature=1.0, latents=None):
