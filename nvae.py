@@ -511,15 +511,19 @@ def official_attentive_config(flags):
     for g in (enc, dec):
         if g is not None and g.get('query_dim', g.get('key_dim', 20)) != g.get('key_dim', 20):
             raise ValueError('depth-wise attention with query_dim != key_dim is not supported')
-    scales = lambda g, d: tower(g).get('scale', d) if isinstance(tower(g).get('scale', d), list) else [tower(g)['scale']] * tower(g).get('num_blocks', 2)
-    posterior, prior = tower('posterior_hparams'), tower('prior_hparams')
+    def scales(g, default):
+        s = tower(g).get('scale', default)
+        return s if isinstance(s, list) else [s] * tower(g).get('num_blocks', 2)
+    posterior, prior, data = tower('posterior_hparams'), tower('prior_hparams'), tower('data_dist_hparams')
+    if data.get('log_scale_low_bound', -7) != -7:
+        raise ValueError('data_dist_hparams: hvae clamps the log-scales at the official -7 only')
     nodes = {tower(g).get('num_nodes', 2) for g in ('preproc_encoder_hparams', 'encoder_hparams', 'decoder_hparams', 'postproc_decoder_hparams')}
     if len(nodes) > 1:
         raise ValueError(f'num_nodes differs between towers: {sorted(nodes)}')
     config = dict(
         model='nvae', image_size=32, image_channels=1 if binary else 3, pad=2 if binary else 0,
         likelihood='bernoulli' if binary or h.get('data_distribution') == 'bernoulli' else 'dmol',
-        num_mixtures=5, num_layers=h.get('num_layers', 16), zdim=h.get('layer_latent_shape', [16, 16, 20])[-1],
+        num_mixtures=data.get('num_logistic_mix', 5), num_layers=h.get('num_layers', 16), zdim=h.get('layer_latent_shape', [16, 16, 20])[-1],
         preproc_filters=tower('preproc_encoder_hparams').get('num_filters', 16),
         preproc_scales=tuple(scales('preproc_encoder_hparams', -2)),
         postproc_scales=tuple(scales('postproc_decoder_hparams', -2)),

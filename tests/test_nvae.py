@@ -447,3 +447,12 @@ def test_top_down_hands_pick_prior_and_posterior_and_uses_its_z():
     # the same z through forward in eval mode (eps = 0) gives the same likelihood
     out = vae(x, x, eps=[torch.zeros(2, 2, 4, 4, dtype=torch.float64)] * 4)
     torch.testing.assert_close(out['distortion'] * 192, vae.nll(params, x))
+
+
+def test_model_py_reexports_the_official_config_and_loader_and_builds_by_name():
+    import model
+    assert model.official_attentive_config is nvae.official_attentive_config
+    assert model.load_official_attentive is nvae.load_official_attentive
+    with torch.device('meta'):
+        assert isinstance(model.build(dict(SMALL)), nvae.NVAE)
+        assert model.n_layers(model.build(dict(SMALL))) == 4
