@@ -163,13 +163,14 @@ class NonLocalBlock(nn.Module):
     """official: NonlocalResNetBlock (use_layer_norm and subsample off). Over the N = H W positions
     of one image: y_n = sum_m softmax_m(a q_n . k_m) v_m, output x + gamma * y; q, k: 1x1
     weight-normalised convs to key_width, v: C -> C, all with bias; no 1/sqrt(d); a (trained)
-    starts at 1, gamma at 0."""
+    starts at 1, gamma at 0. `bias` False where the official block inherits use_bias False (the
+    upsampling shortcut's)."""
 
-    def __init__(self, channels, key_width):
+    def __init__(self, channels, key_width, bias=True):
         super().__init__()
-        self.query = WNConv2d(channels, key_width)
-        self.key = WNConv2d(channels, key_width)
-        self.value = WNConv2d(channels, channels)
+        self.query = WNConv2d(channels, key_width, bias=bias)
+        self.key = WNConv2d(channels, key_width, bias=bias)
+        self.value = WNConv2d(channels, channels, bias=bias)
         self.scale = nn.Parameter(torch.ones(()))   # official: _alignment_function.scale
         self.gamma = nn.Parameter(torch.zeros(()))
 

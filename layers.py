@@ -273,7 +273,8 @@ class FactorizedReduce(nn.Module):
 class UpShortcut(nn.Module):
     """official: the shortcut of an upsampling block: bilinear x2 with align_corners True
     (resize_bilinear), then a 1x1 conv without bias and without activation (C -> C/2); a
-    non-local block before that conv where the tower has them."""
+    non-local block before that conv where the tower has them (official oddity: its convs inherit
+    the shortcut's use_bias False)."""
 
     def __init__(self, c_in, c_out, nonlocal_block=None):
         super().__init__()
@@ -294,11 +295,11 @@ class ResBlock(nn.Module):
     width (upsampling first node, bilinear shortcut). `nonlocal_block(c)` makes one block for a
     node (or shortcut) of input width c, or None."""
 
-    def __init__(self, c, scale, num_nodes=2, nonlocal_block=lambda c: None):
+    def __init__(self, c, scale, num_nodes=2, nonlocal_block=lambda c, bias=True: None):
         super().__init__()
         c_out = {0: c, -2: 2 * c, 2: c // 2}[scale]
         self.shortcut = {0: lambda: nn.Identity(), -2: lambda: FactorizedReduce(c, c_out),
-                         2: lambda: UpShortcut(c, c_out, nonlocal_block(c))}[scale]()
+                         2: lambda: UpShortcut(c, c_out, nonlocal_block(c, bias=False))}[scale]()
         nodes = [Node(c, c_out, 2 if scale < 0 else 1, nonlocal_block(c), upsample=scale > 0)]
         nodes += [Node(c_out, c_out, 1, nonlocal_block(c_out)) for _ in range(num_nodes - 1)]
         self.nodes = nn.ModuleList(nodes)
@@ -315,7 +316,7 @@ class Tower(nn.Module):
     """official: layers/resnet.py ResNet: an optional stem (3x3 conv to `stem` channels, no
     activation), then one ResBlock per entry of `scales`. (B, c, H, W) -> (B, c_out, H', W')."""
 
-    def __init__(self, c, scales, num_nodes=2, nonlocal_block=lambda c: None, stem=None):
+    def __init__(self, c, scales, num_nodes=2, nonlocal_block=lambda c, bias=True: None, stem=None):
         super().__init__()
         self.stem = WNConv2d(c, stem, 3) if stem else None
         c = stem or c

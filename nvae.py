@@ -30,7 +30,7 @@ DEFAULTS = dict(model='nvae', image_size=32, image_channels=3, pad=0, likelihood
                 preproc_filters=128, preproc_scales=(0, -2), postproc_scales=(2, 0), dec_filters=128,
                 enc_blocks=2, dec_blocks=2, num_nodes=2,
                 preproc_nonlocal=True, enc_nonlocal=True, dec_nonlocal=True, postproc_nonlocal=False,
-                merge_nonlocal=False, nonlocal_width=32,
+                merge_decoder_nonlocal=False, merge_encoder_nonlocal=False, nonlocal_width=32,
                 enc_key=20, dec_key=20, enc_layer_norm=True, dec_layer_norm=True, trainable_scales=False,
                 posterior_bounds=(-5.0, 5.0), prior_bounds=(-1.0, 5.0), posterior_noise=0.001, prior_noise=0.001)
 # the official NVAE baseline (section 11): no attention, no non-local blocks, no log-scale noise
@@ -75,15 +75,17 @@ class ConcatConv(nn.Module):
 
 class ConvSum(nn.Module):
     """official: Conv2DSum: conv_b(b) + conv_a(a), 1x1 with bias; when the output keeps a's width
-    the conv on a is the identity (the baseline)."""
+    the conv on a is the identity (the baseline); then a non-local block, if any."""
 
-    def __init__(self, c_a, c_b, c_out):
+    def __init__(self, c_a, c_b, c_out, nonlocal_width=0):
         super().__init__()
         self.conv_a = WNConv2d(c_a, c_out, 1) if c_out != c_a else None   # official: _conv2d_layer_a (encoder side)
         self.conv_b = WNConv2d(c_b, c_out, 1)                             # official: _conv2d_layer (prior input)
+        self.nonlocal_block = NonLocalBlock(c_out, nonlocal_width) if nonlocal_width else None
 
     def forward(self, a, b):
-        return (a if self.conv_a is None else self.conv_a(a)) + self.conv_b(b)
+        x = (a if self.conv_a is None else self.conv_a(a)) + self.conv_b(b)
+        return x if self.nonlocal_block is None else self.nonlocal_block(x)
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def fp32_or_better(t):
 
 
 def nonlocal_maker(c, on):
-    return (lambda ch: NonLocalBlock(ch, c['nonlocal_width'])) if on else (lambda ch: None)
+    return (lambda ch, bias=True: NonLocalBlock(ch, c['nonlocal_width'], bias)) if on else (lambda ch, bias=True: None)
 
 
 # -----------------------------------------------------------------------------
@@ -233,10 +235,10 @@ class Layer(nn.Module):
             self.constant = nn.Parameter(deep_vae_init_(torch.empty(1, w['cell'](0), w['h'], w['h']), w['h'] ** 2))
             self.posterior = Head(post_in, 2 * Z, 3, n=2, elu=True)      # official: init_posterior
         else:
-            self.merge_decoder = ConcatConv(w['S'] + Z, w['cell'](i), c['nonlocal_width'] * c['merge_nonlocal'])
+            self.merge_decoder = ConcatConv(w['S'] + Z, w['cell'](i), c['nonlocal_width'] * c['merge_decoder_nonlocal'])
             self.decoder = Tower(w['cell'](i), [0] * c['dec_blocks'], c['num_nodes'], nonlocal_maker(c, c['dec_nonlocal']))
             self.prior = Head(w['S'], 2 * Z, 1, n=1, elu=True)
-            self.merge_encoder = ConvSum(w['V'], w['S'], post_in)
+            self.merge_encoder = ConvSum(w['V'], w['S'], post_in, c['nonlocal_width'] * c['merge_encoder_nonlocal'])
             self.posterior = Head(post_in, 2 * Z, 3, n=1, elu=False)
             if self.Kd:
                 self.decoder_attention = DecoderAttention(w['S'], c['dec_layer_norm'], c['trainable_scales'])
@@ -320,7 +322,8 @@ class NVAE(nn.Module):
         if c['dec_key']:
             # official: DeepVAE._ctx_layer_norm[i], i >= 2 (0 and 1 are created but never called)
             self.context_norms = nn.ModuleDict({str(i): ChannelNorm(w['cell'](0)) for i in range(2, c['num_layers'])})
-        self.merge = ConcatConv(w['S'] + c['zdim'], w['S'])                 # official: DeepVAE._merge_decoder
+        # official: DeepVAE._merge_decoder, built from merge_decoder_hparams (with its non-local block, if any)
+        self.merge = ConcatConv(w['S'] + c['zdim'], w['S'], c['nonlocal_width'] * c['merge_decoder_nonlocal'])
         self.postprocess = Tower(w['S'], c['postproc_scales'], c['num_nodes'], nonlocal_maker(c, c['postproc_nonlocal']))
         out = 10 * c['num_mixtures'] if c['likelihood'] == 'dmol' else c['image_channels']
         self.head = Head(self.postprocess.c_out, out, 3, n=1, elu=True)
@@ -500,12 +503,9 @@ def official_attentive_config(flags):
     tower = lambda g: groups.get(g, {})
     if h.get('num_proc_blocks', 1) != 1:
         raise ValueError('num_proc_blocks other than 1 is not supported')
-    for g in ('merge_encoder_hparams',):
-        if tower(g).get('use_nonlocal'):
-            raise ValueError(f'{g} use_nonlocal is not supported')
     widths_nl = {tower(g).get('nonlocop_hparams', {}).get('key_dim', 32) for g in
                  ('preproc_encoder_hparams', 'encoder_hparams', 'decoder_hparams', 'postproc_decoder_hparams',
-                  'merge_decoder_hparams') if tower(g).get('use_nonlocal')}
+                  'merge_decoder_hparams', 'merge_encoder_hparams') if tower(g).get('use_nonlocal')}
     if len(widths_nl) > 1:
         raise ValueError(f'non-local key widths differ between towers: {sorted(widths_nl)}')
     for g in (enc, dec):
@@ -534,7 +534,8 @@ def official_attentive_config(flags):
         enc_nonlocal=tower('encoder_hparams').get('use_nonlocal', False),
         dec_nonlocal=tower('decoder_hparams').get('use_nonlocal', False),
         postproc_nonlocal=tower('postproc_decoder_hparams').get('use_nonlocal', False),
-        merge_nonlocal=tower('merge_decoder_hparams').get('use_nonlocal', False),
+        merge_decoder_nonlocal=tower('merge_decoder_hparams').get('use_nonlocal', False),
+        merge_encoder_nonlocal=tower('merge_encoder_hparams').get('use_nonlocal', False),
         nonlocal_width=widths_nl.pop() if widths_nl else 32,
         enc_key=enc.get('key_dim', 20) if enc is not None else 0, dec_key=dec.get('key_dim', 20) if dec is not None else 0,
         enc_layer_norm=bool(enc and enc.get('use_layer_norm', False)), dec_layer_norm=bool(dec and dec.get('use_layer_norm', False)),
@@ -574,7 +575,8 @@ PATH_RULES = [   # applied in order to an official object path
     (r'\._decoder_network\._var$', '.constant'),
     (r'\._decoder_network\.', '.decoder.'),
     (r'\._merge_decoder_network\._conv2d_layer\.', '.merge_decoder.conv.'),
-    (r'\._merge_decoder_network\._nonlocal_layer\.', '.merge_decoder.nonlocal_block.'),
+    (r'\._merge_(de|en)coder_network\._nonlocal_layer\.', r'.merge_\1coder.nonlocal_block.'),
+    (r'^merge\._nonlocal_layer\.', 'merge.nonlocal_block.'),
     (r'\._merge_encoder_network\._conv2d_layer_a\.', '.merge_encoder.conv_a.'),
     (r'\._merge_encoder_network\._conv2d_layer\.', '.merge_encoder.conv_b.'),
     (r'\._conv2d_layer\.', '.conv.'),                                               # the final merge

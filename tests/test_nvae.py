@@ -153,6 +153,19 @@ NVAE_CIFAR = ('--hparams=layer_latent_shape=[16,16,20],num_layers=16,data_distri
               '--prior_hparams=log_scale_upper_bound=5,log_scale_low_bound=-5.0')
 
 
+OMNIGLOT = ('--dataset=omniglot --hparams=layer_latent_shape=[16,16,20],num_layers=15,num_proc_blocks=1,data_distribution=bernoulli '
+            '--decoder_attention_hparams=key_dim=8,query_dim=8,use_layer_norm=True '
+            '--encoder_attention_hparams=key_dim=8,query_dim=8,use_layer_norm=False '
+            '--merge_encoder_hparams=use_nonlocal=True,nonlocop_hparams=[key_dim=8,query_dim=8] '
+            '--merge_decoder_hparams=use_nonlocal=True,nonlocop_hparams=[key_dim=8,query_dim=8] '
+            '--decoder_hparams=scale=[0,0],num_blocks=2,num_filters=32 '
+            '--encoder_hparams=scale=[0,0],num_blocks=2,num_filters=32 '
+            '--preproc_encoder_hparams=scale=[0,0,-2],num_nodes=2,num_blocks=3,num_filters=32 '
+            '--postproc_decoder_hparams=scale=[2,0,0],num_nodes=2,use_nonlocal=True,nonlocop_hparams=[key_dim=8,query_dim=8],num_blocks=3,num_filters=32 '
+            '--posterior_hparams=log_scale_upper_bound=5,log_scale_low_bound=-5 '
+            '--prior_hparams=log_scale_upper_bound=5,log_scale_low_bound=-5')
+
+
 def meta_count(config):
     with torch.device('meta'):
         return sum(p.numel() for p in nvae.NVAE(config).parameters() if p.requires_grad)
@@ -167,6 +180,15 @@ def test_paper_attentive_model_has_118974679_trainable_parameters():
 def test_paper_nvae_baseline_has_79206420_trainable_parameters():
     assert meta_count(nvae.official_attentive_config(NVAE_CIFAR)) == 79_206_420
     assert meta_count(nvae.BASELINE) == 79_206_420
+
+
+def test_omniglot_flags_build_the_official_omniglot_model():
+    # DeepVAE.count_params' 7,873,624 (README 7.87M) - 29 depth-wise scales + 13 model-level LayerNorms
+    # over 80 channels; exercises merge-cell and postprocess non-local blocks (the upsampling
+    # shortcut's without bias), 3 pre/post blocks, no encoder-side LayerNorms, Bernoulli
+    c = nvae.official_attentive_config(OMNIGLOT)
+    assert (c['likelihood'], c['image_channels'], c['enc_layer_norm'], c['dec_layer_norm']) == ('bernoulli', 1, False, True)
+    assert meta_count(c) == 7_873_624 - 29 + 13 * 2 * 80
 
 
 def test_flags_of_the_paper_models_give_the_presets():
