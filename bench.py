@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from model import VAE
+from model import build, model_inputs
 
 # dense peak FLOP/s per dtype (vendor datasheets, SXM parts); fp32 means tensor-core-free fp32
 PEAK = {'H100': {'bf16': 989e12, 'fp16': 989e12, 'fp32': 67e12},
@@ -58,7 +58,7 @@ def measure(preset, batch_size, mode, steps, warmup, device):
     config = train.make_config(train.parse_args(flags + ['--compile'] * compile + ['--channels_last'] * channels_last))
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = VAE(config).to(dev)
+    model = build(config).to(dev)
     optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler(dev.type) if dtype == 'fp16' else None
     C, S = config['image_channels'], config['image_size']
@@ -105,7 +105,7 @@ def measure(preset, batch_size, mode, steps, warmup, device):
 
 def count_flops(model, batch, info, config, device):
     """Model FLOPs of one training step (forward and backward), counted on a copy of the batch."""
-    x, target = train.data.prepare(batch, info, config['bits'], config['pad'])
+    x, target = model_inputs(*train.data.prepare(batch, info, config['bits'], config['pad']), config)
     with FlopCounterMode(display=False) as counter:
         out = model(x, target)
         (out['distortion'] + out['rate']).mean().backward()

@@ -425,6 +425,23 @@ def n_layers(vae):
     return len(vae.layers) if isinstance(vae, NVAE) else len(vae.decoder.layers)
 
 
+def latent_shapes(vae):
+    """(z, r, r) of every stochastic layer of either network, top first."""
+    if isinstance(vae, NVAE):
+        h = vae.config['image_size'] // 2 ** sum(s < 0 for s in vae.config['preproc_scales'])
+        return [(vae.config['zdim'], h, h)] * len(vae.layers)
+    return [(vae.config['zdim'], l.res, l.res) for l in vae.decoder.layers]
+
+
+def model_inputs(x, target, config):
+    """(encoder input, target) as the network reads them, from data.prepare's pair: the official
+    attentive VAE takes its likelihood target 2 x / 255 - 1 (binary images: 2 x - 1) as encoder
+    input (ATTENTIVE.md 3.1); the very deep VAE its own normalisation."""
+    if config.get('model') != 'nvae':
+        return x, target
+    return (2 * target - 1 if config['likelihood'] == 'bernoulli' else target), target
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: a plain dict of tensors and values (written by train.py), readable with weights_only
 

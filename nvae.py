@@ -390,10 +390,11 @@ class NVAE(nn.Module):
         def pick(i, prior, posterior):
             e = eps[i] if eps is not None else torch.randn_like(posterior[0])
             z = posterior[0] + posterior[1] * e
+            q, p = [tuple(map(fp32_or_better, d)) for d in (posterior, prior)]   # the KL in fp32 under autocast
             if sampled_kl:
-                kls.append((log_normal(z, *posterior) - log_normal(z, *prior)).sum((1, 2, 3)))
+                kls.append((log_normal(fp32_or_better(z), *q) - log_normal(fp32_or_better(z), *p)).sum((1, 2, 3)))
             else:
-                kls.append(kl_gaussians(posterior, prior).sum((1, 2, 3)))
+                kls.append(kl_gaussians(q, p).sum((1, 2, 3)))
             return z
 
         params = self.walk(feats, pick, n, noise)

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import nvae
-from model import VAE, MODEL_KEYS, build, n_layers, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
+from model import VAE, MODEL_KEYS, build, n_layers, model_inputs, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
 
 CIFAR10 = dict(enc_blocks='32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3',
                dec_blocks='1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21')
@@ -345,14 +345,6 @@ def autocast(config, device):
     """Mixed precision for the network; the likelihood and the KL stay fp32 (model.py)."""
     dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[config.get('dtype', 'fp32')]
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def model_inputs(x, target, config):
-    """(encoder input, target) as the model reads them: the official attentive VAE takes its
-    likelihood target 2 x / 255 - 1 (binary images: 2 x - 1) as encoder input (ATTENTIVE.md 3.1)."""
-    if config['model'] != 'nvae':
-        return x, target
-    return (2 * target - 1 if config['likelihood'] == 'bernoulli' else target), target
 
 
 def train_step(model, optimizer, batch, info, config, kl_weight=1.0, scaler=None):

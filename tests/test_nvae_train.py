@@ -143,3 +143,21 @@ def test_resume_of_the_official_model_is_exact_batchnorm_statistics_included(fak
     for key in ('model', 'ema', 'optimizer', 'data', 'rng'):
         assert_same_tree(whole[key], split[key])
     assert isinstance(build(whole['config']), nvae.NVAE)
+
+
+def test_end_to_end_on_real_cifar10_train_sample_evaluate_the_official_model(tmp_path):
+    from conftest import real_data, run
+    root, out = real_data(), tmp_path / 'run'
+    common = ['--preset', 'attentive_small', '--batch_size', '4', '--no_download', '--log_every', '1',
+              '--data_root', root, '--out_dir', out]
+    p = run('train.py', *common, '--max_steps', '2')
+    assert 'model nvae (attentive_small preset): 4 stochastic layers, 373,923 parameters' in p.stdout
+    assert 'step 2 |' in p.stdout
+    ckpt = sorted(out.glob('ckpt-*.pt'))[-1]
+    run('sample.py', ckpt, '--n', '2', '--rows', '1', '--out', tmp_path / 's.png', '--scale', '1')
+    run('sample.py', ckpt, '--n', '2', '--recon_layers', '2', '--out', tmp_path / 'r.png')
+    run('sample.py', ckpt, '--n', '2', '--layers_figure', '--layers', '0', '4', '--out', tmp_path / 'f.png')
+    p = run('evaluate.py', ckpt, '--max_batches', '1', '--iw', '2', '--kl_png', '')
+    assert 'test negative ELBO' in p.stdout and 'importance-weighted NLL, K = 2' in p.stdout
+    bpd = float(p.stdout.split('negative ELBO: ')[1].split()[0])
+    assert 3.0 < bpd < 30.0
