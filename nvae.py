@@ -96,7 +96,7 @@ def bound(x, low, high):
     (zero gradient outside)."""
     if abs(low) == abs(high):
         return abs(low) * torch.tanh(x / (2 * abs(low)))
-    t = ((x - low) / (high - low)).clamp(0, 1)
+    t = ((x - low) / (high - low)).clamp(0, 1)   # official oddity: flat outside [low, high], no gradient there (8.8)
     return low + (high - low) * t * t * (3 - 2 * t)
 
 
@@ -279,7 +279,7 @@ class Layer(nn.Module):
         None (prior only); contexts: c_0 .. c_{i-1}; pick(i, prior, posterior) -> z.
         -> z, the new context c_i"""
         s, key, query = self.cell(contexts, z_prev, n)
-        enc_query = s[:, :self.Ke]                                       # taken before R(s) (8.7)
+        enc_query = s[:, :self.Ke]   # official oddity: the encoder query is the state's first K channels, before R(s) (8.7)
         prior_in = s
         if self.i > 0 and self.Kd:
             s, prior_in = self.decoder_attention(s, query, contexts)
@@ -439,7 +439,7 @@ class NVAE(nn.Module):
             for pname, _ in module.named_parameters(recurse=False):
                 full = f'{name}.{pname}' if name else pname
                 if isinstance(module, (WNConv2d, nn.BatchNorm2d)):
-                    lambdas[full] = LAMBDA
+                    lambdas[full] = LAMBDA        # official oddity: the log-gains too, pulling kernel norms to 1 (8.4)
                 elif isinstance(module, nn.LayerNorm) or pname in ('gate', 'gamma', 'constant'):
                     lambdas[full] = KERAS_L2      # LayerNorms, gates, non-local gamma, the constant
                 elif isinstance(module, NonLocalBlock) and pname == 'scale':
