@@ -28,7 +28,7 @@ from layers import Tower, WNConv2d, deep_vae_init_, to_uint8
 DEFAULTS = dict(model='nvae', image_size=32, image_channels=3, pad=0, likelihood='dmol', num_mixtures=5, bits=8,
                 num_layers=16, zdim=20,
                 preproc_filters=128, preproc_scales=(0, -2), postproc_scales=(2, 0), dec_filters=128,
-                enc_blocks=2, dec_blocks=2, num_nodes=2,
+                enc_tower_blocks=2, dec_tower_blocks=2, num_nodes=2,
                 preproc_nonlocal=True, enc_nonlocal=True, dec_nonlocal=True, postproc_nonlocal=False,
                 merge_decoder_nonlocal=False, merge_encoder_nonlocal=False, nonlocal_width=32,
                 enc_key=20, dec_key=20, enc_layer_norm=True, dec_layer_norm=True, trainable_scales=False,
@@ -228,7 +228,7 @@ class Layer(nn.Module):
         self.S, self.V, self.Ke, self.Kd = w['S'], w['V'], c['enc_key'], c['dec_key']
         self.prior_noise, self.posterior_noise = c['prior_noise'], c['posterior_noise']
         self.prior_bounds, self.posterior_bounds = tuple(c['prior_bounds']), tuple(c['posterior_bounds'])
-        self.encoder = Tower(w['E'], [0] * c['enc_blocks'], c['num_nodes'], nonlocal_maker(c, c['enc_nonlocal']))
+        self.encoder = Tower(w['E'], [0] * c['enc_tower_blocks'], c['num_nodes'], nonlocal_maker(c, c['enc_nonlocal']))
         post_in = w['V'] + self.Ke if self.Ke else w['E']
         if i == 0:
             # official: tfp.layers.VariableLayer (1, h, w, cell), DeepVaeInit with Keras' fan_in h * w
@@ -236,7 +236,7 @@ class Layer(nn.Module):
             self.posterior = Head(post_in, 2 * Z, 3, n=2, elu=True)      # official: init_posterior
         else:
             self.merge_decoder = ConcatConv(w['S'] + Z, w['cell'](i), c['nonlocal_width'] * c['merge_decoder_nonlocal'])
-            self.decoder = Tower(w['cell'](i), [0] * c['dec_blocks'], c['num_nodes'], nonlocal_maker(c, c['dec_nonlocal']))
+            self.decoder = Tower(w['cell'](i), [0] * c['dec_tower_blocks'], c['num_nodes'], nonlocal_maker(c, c['dec_nonlocal']))
             self.prior = Head(w['S'], 2 * Z, 1, n=1, elu=True)
             self.merge_encoder = ConvSum(w['V'], w['S'], post_in, c['nonlocal_width'] * c['merge_encoder_nonlocal'])
             self.posterior = Head(post_in, 2 * Z, 3, n=1, elu=False)
@@ -529,7 +529,7 @@ def official_attentive_config(flags):
         preproc_scales=tuple(scales('preproc_encoder_hparams', -2)),
         postproc_scales=tuple(scales('postproc_decoder_hparams', -2)),
         dec_filters=tower('decoder_hparams').get('num_filters', 16),
-        enc_blocks=tower('encoder_hparams').get('num_blocks', 2), dec_blocks=tower('decoder_hparams').get('num_blocks', 2),
+        enc_tower_blocks=tower('encoder_hparams').get('num_blocks', 2), dec_tower_blocks=tower('decoder_hparams').get('num_blocks', 2),
         num_nodes=nodes.pop(),
         preproc_nonlocal=tower('preproc_encoder_hparams').get('use_nonlocal', False),
         enc_nonlocal=tower('encoder_hparams').get('use_nonlocal', False),

@@ -102,7 +102,7 @@ PRESETS['attentive_cifar10_900'] = dict(PRESETS['attentive_cifar10'], lr_schedul
 PRESETS['nvae_cifar10'] = {**OFFICIAL, **nvae.BASELINE}
 # the official architecture at CPU size (4 layers of 8 channels, towers of one block, 16/12 filters)
 # and its baseline twin: the official loss and optimiser, a step-based warm-up, constant lr
-SMALL_NVAE = dict(num_layers=4, zdim=8, preproc_filters=16, dec_filters=12, enc_blocks=1, dec_blocks=1,
+SMALL_NVAE = dict(num_layers=4, zdim=8, preproc_filters=16, dec_filters=12, enc_tower_blocks=1, dec_tower_blocks=1,
                   nonlocal_width=8, enc_key=8, dec_key=8)
 SMALL_RECIPE = dict(OFFICIAL, lr=2e-3, lr_start=0.0, warmup_epochs=0.0, warmup_steps=20, lr_schedule='constant',
                     kl_weight_start=1.0, kl_warmup_epochs=0.0, batch_size=16, eval_every=0, eval_batches=16)
@@ -326,6 +326,18 @@ def all_mean(t):
     return t
 
 
+@torch.no_grad()
+def average_bn_statistics(model):
+    """Batch norm normalises with each process's own batch (the official per-replica statistics);
+    the moving statistics become the mean of the processes' updates, as TF's MirroredStrategy
+    aggregates them (the update is linear, so averaging the updated buffers is the same)."""
+    stats = [b for name, b in model.named_buffers() if name.endswith(('running_mean', 'running_var'))]
+    if stats and dist.is_initialized():
+        flat = all_mean(torch.cat([b.flatten() for b in stats]))
+        for b, v in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(v.view_as(b))
+
+
 def agree(device, *flags):
     """Every flag becomes true on all ranks if it is true on any (a signal that reached one rank,
     a clock that ran out on one node)."""
@@ -530,6 +542,8 @@ def main(argv=None):
         ckpt, ckpt_path, config = resume_config(config, args, config['out_dir'])
     if config['dtype'] == 'fp16' and device.type != 'cuda':
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
+    if config['sync_bn'] and device.type != 'cuda':
+        raise ValueError('--sync_bn needs CUDA devices (torch.nn.SyncBatchNorm); on CPU each process keeps its own batch statistics')
     torch.manual_seed(config['seed'])
     model = build(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -591,6 +605,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step, config, spe)
         stats, skipped = train_step(ddp, optimizer, batches.next(), info, config, get_kl_weight(step, config, spe), scaler)
+        if world > 1 and not config['sync_bn']:
+            average_bn_statistics(model)
         step += 1
         if skipped:
             counts['skipped'] += 1

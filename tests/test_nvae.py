@@ -322,7 +322,7 @@ def test_pixel_probabilities_sum_to_one_plus_the_top_bin_under_the_0_99_edge():
 
 
 def test_l2_penalty_of_a_tiny_model_by_hand():
-    config = dict(nvae.DEFAULTS, num_layers=2, zdim=2, preproc_filters=4, dec_filters=3, enc_blocks=1, dec_blocks=1,
+    config = dict(nvae.DEFAULTS, num_layers=2, zdim=2, preproc_filters=4, dec_filters=3, enc_tower_blocks=1, dec_tower_blocks=1,
                   num_nodes=1, nonlocal_width=2, enc_key=2, dec_key=2, image_size=8, num_mixtures=1)
     torch.manual_seed(0)
     vae = nvae.NVAE(config)
@@ -348,7 +348,7 @@ def test_l2_penalty_of_a_tiny_model_by_hand():
 # -----------------------------------------------------------------------------
 # attention: causality and the distribution over depth (carried over from test_attention.py)
 
-SMALL = dict(nvae.DEFAULTS, num_layers=4, zdim=2, preproc_filters=4, dec_filters=3, enc_blocks=1, dec_blocks=1,
+SMALL = dict(nvae.DEFAULTS, num_layers=4, zdim=2, preproc_filters=4, dec_filters=3, enc_tower_blocks=1, dec_tower_blocks=1,
              num_nodes=1, nonlocal_width=2, enc_key=2, dec_key=2, image_size=8, num_mixtures=1)
 
 

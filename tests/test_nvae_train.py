@@ -161,3 +161,32 @@ def test_end_to_end_on_real_cifar10_train_sample_evaluate_the_official_model(tmp
     assert 'test negative ELBO' in p.stdout and 'importance-weighted NLL, K = 2' in p.stdout
     bpd = float(p.stdout.split('negative ELBO: ')[1].split()[0])
     assert 3.0 < bpd < 30.0
+
+
+def test_torchrun_two_processes_keep_one_set_of_batchnorm_statistics(fake_cifar, tmp_path):
+    """Under torchrun each process normalises with its own batch and the moving statistics are the
+    mean of the processes' updates (train.average_bn_statistics), as under the official
+    MirroredStrategy; the checkpoint then loads and the statistics have moved from their init."""
+    import os
+    import subprocess
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py',
+           '--preset', 'attentive_small', '--batch_size', '2', '--no_download', '--log_every', '1',
+           '--data_root', fake_cifar, '--out_dir', str(out), '--max_steps', '2']
+    p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert '2 processes x batch 2' in p.stdout
+    ckpt = load_checkpoint(train.checkpoint_paths(str(out))[-1])
+    means = [v for k, v in ckpt['model'].items() if k.endswith('running_mean')]
+    assert means and all(torch.isfinite(m).all() for m in means) and any(m.abs().sum() > 0 for m in means)
+    for k, v in ckpt['model'].items():
+        if k.endswith(('running_mean', 'running_var')):
+            assert torch.equal(ckpt['ema'][k], v)                 # the EMA copy carries them
+
+
+def test_sync_bn_on_cpu_is_a_one_line_error(tmp_path):
+    from conftest import error_line, run
+    line = error_line(run('train.py', '--preset', 'attentive_small', '--sync_bn', '--device', 'cpu',
+                          '--out_dir', tmp_path / 'o', check=False))
+    assert '--sync_bn needs CUDA' in line
