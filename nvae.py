@@ -375,10 +375,11 @@ class NVAE(nn.Module):
         params, target = fp32_or_better(self.crop(params)), fp32_or_better(self.crop(target))
         if self.config['likelihood'] == 'dmol':
             return dmol_nll(params, target, self.config['num_mixtures'])
-        return F.binary_cross_entropy_with_logits(params, (target + 1) / 2, reduction='none').sum((1, 2, 3))
+        return F.binary_cross_entropy_with_logits(params, target, reduction='none').sum((1, 2, 3))   # target in {0, 1}
 
     def forward(self, x, target, eps=None, logscale_noise=None, sampled_kl=False):
-        """x, target: (B, C, H, W), both 2 x / 255 - 1; eps: one posterior noise tensor per layer
+        """x, target: (B, C, H, W), both 2 x / 255 - 1 (binary images: x = 2 b - 1, target b in {0, 1},
+        as the official scores the raw bits; model.model_inputs); eps: one posterior noise tensor per layer
         (z = loc_q + sigma_q eps); logscale_noise: train mode only, per layer (prior or None for
         layer 0, posterior) standard-normal noise (B, Z, h, w), drawn where None. -> per image
         distortion and rate in nats/dim and kl (B, L) nats (with sampled_kl log q(z) - log p(z))."""

@@ -492,3 +492,20 @@ def test_model_py_reexports_the_official_config_and_loader_and_builds_by_name():
     with torch.device('meta'):
         assert isinstance(model.build(dict(SMALL)), nvae.NVAE)
         assert model.n_layers(model.build(dict(SMALL))) == 4
+
+
+def test_bernoulli_likelihood_scores_the_bits_and_reads_them_as_2b_minus_1():
+    import model
+    config = dict(SMALL, likelihood='bernoulli', image_channels=1)
+    torch.manual_seed(0)
+    vae = nvae.NVAE(config).double()
+    bits = torch.bernoulli(torch.full((2, 1, 8, 8), 0.3, dtype=torch.float64))
+    x, target = model.model_inputs(bits, bits.clone(), config)
+    assert torch.equal(x, 2 * bits - 1) and torch.equal(target, bits)
+    params = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    expected = -(bits * F.logsigmoid(params) + (1 - bits) * F.logsigmoid(-params)).sum((1, 2, 3))
+    torch.testing.assert_close(vae.nll(params, target), expected)
+    lp = vae.pixel_log_probs(params, target, 0)                       # (B, H, W, 2)
+    torch.testing.assert_close(lp.gather(-1, bits[:, 0].long()[..., None])[..., 0].sum((1, 2)), -expected)
+    out = vae(x, target)
+    assert out['distortion'].shape == (2,) and torch.isfinite(out['distortion']).all()
