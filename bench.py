@@ -39,7 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from model import VAE
+from model import build, model_inputs
 
 # dense peak FLOP/s per dtype (vendor datasheets, SXM parts); fp32 means tensor-core-free fp32, tf32
 # is fp32 on the tensor cores: PyTorch's default for fp32 convolutions on these GPUs
@@ -98,7 +98,9 @@ def measure(preset, batch_size, mode, steps, warmup, device):
     dev = torch.device(device)
     train.set_precision(config)   # TF32 and cuDNN's autotuner as train.py sets them
     torch.manual_seed(0)
-    model = VAE(config).to(dev).set_grad_checkpoint(grad_checkpoint)
+    model = build(config).to(dev)
+    if grad_checkpoint:
+        model.set_grad_checkpoint(True)
     optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler(dev.type) if dtype == 'fp16' else None
     C, S = config['image_channels'], config['image_size']
@@ -176,7 +178,7 @@ def activation_gib(preset, batch_size=1):
 
 def count_flops(model, batch, info, config, device):
     """Model FLOPs of one training step (forward and backward), counted on a copy of the batch."""
-    x, target = train.data.prepare(batch, info, config['bits'], config['pad'])
+    x, target = model_inputs(*train.data.prepare(batch, info, config['bits'], config['pad']), config)
     with FlopCounterMode(display=False) as counter:
         out = model(x, target)
         (out['distortion'] + out['rate']).mean().backward()

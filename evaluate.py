@@ -23,7 +23,7 @@ import torch
 
 import data
 import figures
-from model import load_checkpoint, model_from_checkpoint
+from model import latent_shapes, load_checkpoint, model_from_checkpoint, model_inputs
 
 ACTIVE_SHARE = 0.01   # a layer is active when its KL is at least 1% of the rate
 
@@ -62,8 +62,7 @@ def active_layers(kl, share=ACTIVE_SHARE):
 def layer_noise(vae, n, generator):
     """One N(0, I) draw per layer for n images: list of (n, z, r, r)."""
     device = generator.device
-    return [torch.randn(n, vae.config['zdim'], l.res, l.res, generator=generator, device=device)
-            for l in vae.decoder.layers]
+    return [torch.randn(n, *shape, generator=generator, device=device) for shape in latent_shapes(vae)]
 
 
 @torch.no_grad()
@@ -139,7 +138,7 @@ def evaluate(vae, split, info, config, device, max_batches=0, iw=0, iw_chunk=1):
         for i, batch in enumerate(data.eval_batches(split, batch_size, device)):
             if max_batches and i >= max_batches:
                 break
-            x, target = data.prepare(batch, info, config['bits'], config['pad'])
+            x, target = model_inputs(*data.prepare(batch, info, config['bits'], config['pad']), config)
             out = vae(x, target)
             nelbo.append(out['distortion'] + out['rate'])
             kl.append(out['kl'])

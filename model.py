@@ -474,6 +474,41 @@ def load_official_vdvae(vae, state_dict):
 
 
 # -----------------------------------------------------------------------------
+# the official attentive VAE and its NVAE baseline live in nvae.py (their own modules); the config
+# key model='nvae' names them
+
+from nvae import NVAE, official_attentive_config, load_official_attentive  # noqa: E402,F401
+
+
+def build(config):
+    """The network a config names: model 'nvae' -> nvae.NVAE, else the very deep VAE (or the
+    bottleneck attentive variant) -> VAE."""
+    return NVAE(config) if config.get('model') == 'nvae' else VAE(config)
+
+
+def n_layers(vae):
+    """The number of stochastic layers of either network."""
+    return len(vae.layers) if isinstance(vae, NVAE) else len(vae.decoder.layers)
+
+
+def latent_shapes(vae):
+    """(z, r, r) of every stochastic layer of either network, top first."""
+    if isinstance(vae, NVAE):
+        h = vae.config['image_size'] // 2 ** sum(s < 0 for s in vae.config['preproc_scales'])
+        return [(vae.config['zdim'], h, h)] * len(vae.layers)
+    return [(vae.config['zdim'], l.res, l.res) for l in vae.decoder.layers]
+
+
+def model_inputs(x, target, config):
+    """(encoder input, target) as the network reads them, from data.prepare's pair: the official
+    attentive VAE takes its likelihood target 2 x / 255 - 1 (binary images: 2 x - 1) as encoder
+    input (ATTENTIVE.md 3.1); the very deep VAE its own normalisation."""
+    if config.get('model') != 'nvae':
+        return x, target
+    return (2 * target - 1 if config['likelihood'] == 'bernoulli' else target), target
+
+
+# -----------------------------------------------------------------------------
 # checkpoints: a plain dict of tensors and values (written by train.py), readable with weights_only
 
 CHECKPOINT_FORMAT = 1
@@ -494,7 +529,7 @@ def load_checkpoint(path, map_location='cpu'):
         raise ValueError(f"{path} has checkpoint format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}")
     try:
         with torch.device('meta'):   # shapes only, no memory
-            expected = {k: v.shape for k, v in VAE(ckpt['config']).state_dict().items()}
+            expected = {k: v.shape for k, v in build(ckpt['config']).state_dict().items()}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f'{path}: its config does not build a model ({e})') from None
     got = {k: v.shape for k, v in ckpt['model'].items()}
@@ -506,6 +541,6 @@ def load_checkpoint(path, map_location='cpu'):
 
 def model_from_checkpoint(ckpt, weights='ema'):
     """Rebuild the network from the checkpoint's own config and load its EMA (or raw) weights."""
-    vae = VAE(ckpt['config'])
+    vae = build(ckpt['config'])
     vae.load_state_dict(ckpt[weights] if ckpt.get(weights) is not None else ckpt['model'])
     return vae

@@ -18,7 +18,7 @@ from PIL import Image
 
 import data
 import figures
-from model import load_checkpoint, model_from_checkpoint
+from model import load_checkpoint, model_from_checkpoint, model_inputs, n_layers
 
 
 def grid(rows, pad=2):
@@ -43,7 +43,7 @@ def save_png(rows, path, scale=1):
 def reconstructions(vae, info, config, k, n, device, temperature):
     """Row 1: test images; row 2: first k layers from their posterior, the rest from the prior."""
     images = next(iter(data.eval_batches(info['test'], n, device)))
-    x, _ = data.prepare(images, info, config['bits'], config['pad'])
+    x, _ = model_inputs(*data.prepare(images, info, config['bits'], config['pad']), config)
     latents = vae.posterior_latents(x)[:k]
     return [images, vae.sample(len(images), temperature, latents=latents)]
 
@@ -63,7 +63,7 @@ def layers_figure(vae, info, config, image, ks, n, temperature):
     n samples that share the latents of its posterior in the first k layers (one posterior draw,
     the same in every row) and draw the rest from the prior at `temperature`.
     -> rows of uint8 (1 + n, C, H, W), row labels."""
-    x, _ = data.prepare(image, info, config['bits'], config['pad'])
+    x, _ = model_inputs(*data.prepare(image, info, config['bits'], config['pad']), config)
     latents = vae.posterior_latents(x)                                  # list of (1, z, r, r)
     rows = []
     for k in ks:
@@ -116,11 +116,11 @@ def main(argv=None):
         info = data.load_run_dataset(config, ckpt.get('dataset'))
     torch.manual_seed(args.seed)
     if args.recon_layers is not None:
-        if not 0 <= args.recon_layers <= len(vae.decoder.layers):
-            raise ValueError(f'--recon_layers must be in 0..{len(vae.decoder.layers)}')
+        if not 0 <= args.recon_layers <= n_layers(vae):
+            raise ValueError(f'--recon_layers must be in 0..{n_layers(vae)}')
         rows = reconstructions(vae, info, config, args.recon_layers, args.n, args.device, temperature[0])
     elif args.layers_figure:
-        L = len(vae.decoder.layers)
+        L = n_layers(vae)
         ks = args.layers or default_ks(L)
         if not all(0 <= k <= L for k in ks):
             raise ValueError(f'--layers must be in 0..{L}, got {ks}')

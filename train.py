@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import VAE, MODEL_KEYS, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
+import nvae
+from model import VAE, MODEL_KEYS, build, n_layers, model_inputs, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
 
 CIFAR10 = dict(enc_blocks='32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3',
                dec_blocks='1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21')
@@ -78,13 +79,37 @@ ATTENTIVE = dict(model='attentive', image_size=32, width=256, zdim=20, key_width
                  adam_eps=1e-3, weight_decay=1.5e-4, lr_start=1e-4, warmup_epochs=5.0,
                  lr_schedule='cosine', lr_min=1e-4, epochs=400.0, kl_weight_start=0.1,
                  kl_warmup_epochs=16.0, batch_size=40, grad_clip=0.0, skip_threshold=0.0, ema_rate=0.999)
-PRESETS['attentive_cifar10'] = dict(ATTENTIVE, dataset='cifar10', num_mixtures=5, flip='hv')
+PRESETS['attentive_bottleneck_cifar10'] = dict(ATTENTIVE, dataset='cifar10', num_mixtures=5, flip='hv')
 # binary MNIST with the attentive layout at width 128 (hvae's choice: DESIGN.md records no MNIST layout)
 PRESETS['attentive_mnist'] = dict(ATTENTIVE, dataset='mnist', width=128, image_channels=1,
                                   likelihood='bernoulli', pad=2)
 # the `cpu` layout and recipe with depth-wise attention and non-local blocks at 16x16
 PRESETS['attentive_cpu'] = dict(PRESETS['cpu'], model='attentive', key_width=16, nonlocal_res='16',
                                 nonlocal_width=16)
+# the official attentive VAE (nvae.py; ATTENTIVE.md 7 and 11): the official README's 16-layer
+# CIFAR-10 command. Loss in nats per image plus the Keras L2 penalty, Keras Adamax (epsilon outside
+# the max), per-epoch cosine schedule after a 5-epoch warm-up from 1e-4 with 312 schedule steps per
+# epoch (official oddity: int(50000 / (4 x 40)), 8.13), KL weight 0.1 -> 1 per epoch over 16 epochs,
+# horizontal and vertical flips, no clipping, no skipping, no EMA (ema_rate 0: the EMA model is a
+# copy of the weights and their batch-norm statistics)
+OFFICIAL = dict(dataset='cifar10', optimizer='keras_adamax', lr=1e-2, adam_beta1=0.9, adam_beta2=0.999,
+                adam_eps=1e-3, weight_decay=0.0, lr_start=1e-4, warmup_epochs=5.0, lr_schedule='cosine_warmup',
+                lr_min=1e-4, epochs=400.0, schedule_steps_per_epoch=312, kl_weight_start=0.1,
+                kl_warmup_epochs=16.0, kl_per_epoch=True, loss_per_image=True, batch_size=40, grad_clip=0.0,
+                skip_threshold=0.0, ema_rate=0.0, flip='hv')
+PRESETS['attentive_cifar10'] = {**OFFICIAL, **nvae.DEFAULTS}
+# the 900-epoch run: warm-up, then cosine periods of 300 and 600 epochs (CosineRestartWarmup)
+PRESETS['attentive_cifar10_900'] = dict(PRESETS['attentive_cifar10'], lr_schedule='cosine_restart_warmup',
+                                        lr_first_decay_epochs=300.0, epochs=900.0)
+PRESETS['nvae_cifar10'] = {**OFFICIAL, **nvae.BASELINE}
+# the official architecture at CPU size (4 layers of 8 channels, towers of one block, 16/12 filters)
+# and its baseline twin: the official loss and optimiser, a step-based warm-up, constant lr
+SMALL_NVAE = dict(num_layers=4, zdim=8, preproc_filters=16, dec_filters=12, enc_tower_blocks=1, dec_tower_blocks=1,
+                  nonlocal_width=8, enc_key=8, dec_key=8)
+SMALL_RECIPE = dict(OFFICIAL, lr=2e-3, lr_start=0.0, warmup_epochs=0.0, warmup_steps=20, lr_schedule='constant',
+                    kl_weight_start=1.0, kl_warmup_epochs=0.0, batch_size=16, eval_every=0, eval_batches=16)
+PRESETS['attentive_small'] = {**SMALL_RECIPE, **nvae.DEFAULTS, **SMALL_NVAE}
+PRESETS['nvae_small'] = {**SMALL_RECIPE, **nvae.BASELINE, **SMALL_NVAE, 'enc_key': 0, 'dec_key': 0}
 DATASET_PRESET = {'cifar10': 'attentive_cifar10', 'mnist': 'attentive_mnist', 'imagenet32': 'imagenet32',
                   'imagenet64': 'imagenet64', 'folder': 'ffhq256'}
 # what every preset shares unless it says otherwise
@@ -96,7 +121,9 @@ BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_chan
             kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,
             max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
             eval_every=5000, eval_batches=0, save_every=0, save_every_minutes=30.0, keep=2, out_dir='out',
-            dtype='fp32', compile=False, channels_last=False, grad_checkpoint=False, tf32=True, deterministic=False)
+            dtype='fp32', compile=False, channels_last=False, grad_checkpoint=False, tf32=True, deterministic=False,
+            schedule_steps_per_epoch=0, lr_first_decay_epochs=0.0, kl_per_epoch=False, loss_per_image=False,
+            sync_bn=False)
 # flags that only steer this run: a resumed run may change them, the rest must match
 # (batch_size is per process: a run resumed on another number of processes may change it)
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
@@ -118,9 +145,10 @@ def parse_args(argv=None):
     p.add_argument('--no_download', dest='download', action='store_const', const=False)
     p.add_argument('--no_ema_warmup', dest='ema_warmup', action='store_const', const=False)
     p.add_argument('--dataset', choices=data.DATASETS)
-    p.add_argument('--model', choices=('vdvae', 'attentive'), help='overrides the preset\'s model')
-    p.add_argument('--optimizer', choices=('adamw', 'adamax'))
-    p.add_argument('--lr_schedule', choices=('constant', 'cosine'))
+    p.add_argument('--model', choices=('vdvae', 'attentive', 'nvae'), help='overrides the preset\'s model')
+    p.add_argument('--optimizer', choices=('adamw', 'adamax', 'keras_adamax'))
+    p.add_argument('--lr_schedule', choices=('constant', 'cosine', 'cosine_warmup', 'cosine_restart_warmup'))
+    p.add_argument('--sync_bn', action='store_const', const=True, help='SyncBatchNorm under torchrun (default: per-process statistics, as the official per-replica ones)')
     p.add_argument('--flip', choices=('', 'h', 'hv'), help='random flips of training images')
     p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'),
                    help='autocast dtype of the network (default fp32: TF32 convolutions on Ampere and later GPUs)')
@@ -135,7 +163,8 @@ def parse_args(argv=None):
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
-                       'channels_last', 'grad_checkpoint', 'tf32', 'deterministic'):
+                       'channels_last', 'grad_checkpoint', 'tf32', 'deterministic', 'sync_bn', 'kl_per_epoch',
+                       'loss_per_image'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
@@ -153,13 +182,20 @@ def make_config(args):
     if args.depth is not None:
         if args.depth < 1:
             raise ValueError(f'--depth must be at least 1, not {args.depth}')
+        if config['model'] == 'nvae':
+            config['num_layers'] = args.depth
+            return check_config(config)
         config['dec_blocks'] = scale_depth(config['dec_blocks'], args.depth)
         single = re.fullmatch(r'(\d+)(x\d+)?(,\1x\d+)?', config['dec_blocks'])
         if config['model'] == 'attentive' and single:   # L layers at the latent scale, L encoder cells there
             config['enc_blocks'] = re.sub(rf'(^|,){single[1]}x\d+$', rf'\g<1>{single[1]}x{args.depth}',
                                           config['enc_blocks'])
-    for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size'):
-        if config[key] < 1:
+    return check_config(config)
+
+
+def check_config(config):
+    for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size', 'num_layers'):
+        if config.get(key, 1) < 1:
             raise ValueError(f'--{key} must be at least 1, not {config[key]}')
     if config['lr'] <= 0 or not 0 <= config['ema_rate'] < 1:
         raise ValueError(f"need lr > 0 and 0 <= ema_rate < 1 (got lr {config['lr']}, ema_rate {config['ema_rate']})")
@@ -171,7 +207,10 @@ def make_config(args):
 
 def get_lr(step, config, steps_per_epoch=1):
     """Linear warm-up from lr_start over the warm-up (the first step already moves), then constant
-    or cosine down to lr_min at the end of `epochs`. Stateless: nothing to save."""
+    or cosine down to lr_min at the end of `epochs`, or the official attentive VAE's per-epoch
+    schedules. Stateless: nothing to save."""
+    if config['lr_schedule'] in ('cosine_warmup', 'cosine_restart_warmup'):
+        return official_lr(step + 1, config, config['schedule_steps_per_epoch'] or steps_per_epoch)
     warmup = config['warmup_epochs'] * steps_per_epoch or config['warmup_steps']
     lr, start = config['lr'], config['lr_start']
     if step < warmup:
@@ -182,15 +221,63 @@ def get_lr(step, config, steps_per_epoch=1):
     return lr
 
 
+def official_lr(step, config, spe):
+    """official: util/learning_rate_schedule.py CosineWarmup and CosineRestartWarmup. The step
+    counts from 1 (on_train_batch_begin); linear warm-up from lr_min to lr over warmup_epochs * spe
+    steps, then per schedule epoch e = step // spe (constant within it) a cosine from lr to lr_min:
+    over epochs - warmup_epochs epochs, or in periods of lr_first_decay_epochs, twice that, ..."""
+    lr, low, warm = config['lr'], config['lr_min'], config['warmup_epochs']
+    if step <= warm * spe:
+        return low + step / (warm * spe) * (lr - low)
+    e = step // spe - warm
+    if config['lr_schedule'] == 'cosine_warmup':
+        frac = min(1.0, e / (config['epochs'] - warm))
+    else:                                           # t_mul 2, m_mul 1
+        c = e / config['lr_first_decay_epochs']
+        i = math.floor(math.log2(1 + c))
+        frac = (c - (2 ** i - 1)) / 2 ** i
+    alpha = low / lr
+    return lr * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * frac)) + alpha)
+
+
 def get_kl_weight(step, config, steps_per_epoch=1):
     """The training loss's weight on the rate: kl_weight_start rising linearly to 1 (1 throughout
     by default). The reported ELBO never uses it."""
     ramp = config['kl_warmup_epochs'] * steps_per_epoch
     start = config['kl_weight_start']
+    if config.get('kl_per_epoch'):   # official KLRegularizerSchedule.on_epoch_begin: constant within an epoch
+        step = step // steps_per_epoch * steps_per_epoch
     return 1.0 if ramp <= 0 or step >= ramp else start + (1 - start) * step / ramp
 
 
+class KerasAdamax(torch.optim.Optimizer):
+    """Adamax as Keras/TF updates it (ATTENTIVE.md 7): m = beta1 m + (1 - beta1) g,
+    u = max(beta2 u, |g|), theta -= lr / (1 - beta1^t) * m / (u + eps). Epsilon sits outside the
+    max; PyTorch's Adamax puts it inside, max(beta2 u, |g| + eps). No weight decay (the official
+    L2 penalty is part of the loss)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-7):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group['betas']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), u=torch.zeros_like(p))
+                state['step'] += 1
+                state['m'].lerp_(p.grad, 1 - beta1)
+                torch.maximum(state['u'] * beta2, p.grad.abs(), out=state['u'])
+                p.addcdiv_(state['m'], state['u'] + group['eps'], value=-group['lr'] / (1 - beta1 ** state['step']))
+
+
 def make_optimizer(model, config):
+    if config['optimizer'] == 'keras_adamax':
+        return KerasAdamax(model.parameters(), config['lr'], (config['adam_beta1'], config['adam_beta2']), config['adam_eps'])
     kw = dict(lr=config['lr'], weight_decay=config['weight_decay'], eps=config['adam_eps'],
               betas=(config['adam_beta1'], config['adam_beta2']))
     if config['optimizer'] == 'adamax':   # the attentive VAE's: weight decay as an L2 penalty
@@ -216,6 +303,8 @@ def update_ema(ema, model, updates, config):
         rate = min(rate, (1 + updates) / (10 + updates))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - rate)
+    for e, b in zip(ema.buffers(), model.buffers()):   # batch-norm running statistics: the model's own
+        e.copy_(b)
 
 
 # -----------------------------------------------------------------------------
@@ -249,6 +338,18 @@ def all_mean(t):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+@torch.no_grad()
+def average_bn_statistics(model):
+    """Batch norm normalises with each process's own batch (the official per-replica statistics);
+    the moving statistics become the mean of the processes' updates, as TF's MirroredStrategy
+    aggregates them (the update is linear, so averaging the updated buffers is the same)."""
+    stats = [b for name, b in model.named_buffers() if name.endswith(('running_mean', 'running_var'))]
+    if stats and dist.is_initialized():
+        flat = all_mean(torch.cat([b.flatten() for b in stats]))
+        for b, v in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(v.view_as(b))
 
 
 def agree(device, *flags):
@@ -313,13 +414,16 @@ def train_step(model, optimizer, batch, info, config, kl_weight=1.0, scaler=None
     """One step -> (stats, skipped). The update is skipped on every rank when the loss or the
     gradient norm is not finite on any rank, or the norm reaches skip_threshold (0 turns clipping
     or skipping off). The stats are means over ranks."""
-    x, target = data.prepare(flip(batch, config['flip']), info, config['bits'], config['pad'])
+    x, target = model_inputs(*data.prepare(flip(batch, config['flip']), info, config['bits'], config['pad']), config)
     if config['channels_last']:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(config, x.device):
         out = model(x, target)
     elbo = (out['distortion'] + out['rate']).mean()
     loss = elbo if kl_weight == 1.0 else (out['distortion'] + kl_weight * out['rate']).mean()
+    if config['loss_per_image']:   # official: nats per image plus the Keras L2 penalty (ATTENTIVE.md 6)
+        dims = target.shape[1] * (target.shape[2] - 2 * config['pad']) * (target.shape[3] - 2 * config['pad'])
+        loss = loss * dims + getattr(model, 'module', model).l2_penalty()
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler else loss).backward()   # DDP: gradients averaged over ranks here
     if scaler:
@@ -356,7 +460,7 @@ def evaluate(model, split, info, config, device, max_batches=0):
             if max_batches and i >= -(-max_batches // world):
                 break
             with autocast(config, device):
-                out = model(*data.prepare(batch, info, config['bits'], config['pad']))
+                out = model(*model_inputs(*data.prepare(batch, info, config['bits'], config['pad']), config))
             nelbo.append(out['distortion'] + out['rate'])
             kl.append(out['kl'])
     model.train()
@@ -507,13 +611,17 @@ def main(argv=None):
         ckpt, ckpt_path, config = resume_config(config, args, ckpt_path)
     if config['dtype'] == 'fp16' and device.type != 'cuda':
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
+    if config['sync_bn'] and device.type != 'cuda':
+        raise ValueError('--sync_bn needs CUDA devices (torch.nn.SyncBatchNorm); on CPU each process keeps its own batch statistics')
     set_precision(config)
     torch.manual_seed(config['seed'])
-    model = VAE(config).to(device).set_grad_checkpoint(config['grad_checkpoint'])
+    model = build(config).to(device)
+    if config['grad_checkpoint']:
+        model.set_grad_checkpoint(True)
     n_params = sum(p.numel() for p in model.parameters())
     if args.dry_run:
         print0(json.dumps({k: config[k] for k in sorted(config)}, indent=1))
-        print0(f"model {config['model']}: {len(model.decoder.layers)} stochastic layers, {n_params:,} parameters")
+        print0(f"model {config['model']}: {n_layers(model)} stochastic layers, {n_params:,} parameters")
         return
     out_dir = config['out_dir']
     if rank == 0:
@@ -523,7 +631,7 @@ def main(argv=None):
     info = data.load_run_dataset(config, ckpt.get('dataset') if ckpt is not None else None, config['download'])
     data_record = data.dataset_record(info, config['data_root'])
     batches = data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device)
-    ema = VAE(config).to(device).requires_grad_(False)
+    ema = build(config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type) if config['dtype'] == 'fp16' else None
@@ -550,10 +658,12 @@ def main(argv=None):
         ckpt = None   # the loaded dict is a second copy of the weights and optimiser (~2 GB at ImageNet-64 size)
     if config['channels_last']:
         model = model.to(memory_format=torch.channels_last)
+    if config['sync_bn'] and world > 1:   # one set of batch statistics over all processes
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config['compile']:
         model.compile()   # in place: the state dict keeps its names
     ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
-    print0(f"model {config['model']} ({config['preset']} preset): {len(model.decoder.layers)} stochastic layers, "
+    print0(f"model {config['model']} ({config['preset']} preset): {n_layers(model)} stochastic layers, "
            f"{n_params:,} parameters, {len(info['train']):,} training images, device {device}"
            + (f", {world} processes x batch {config['batch_size']}" if world > 1 else ''))
     log_path = os.path.join(out_dir, 'log.jsonl')
@@ -575,6 +685,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step, config, spe)
         stats, skipped = train_step(ddp, optimizer, batches.next(), info, config, get_kl_weight(step, config, spe), scaler)
+        if world > 1 and not config['sync_bn']:
+            average_bn_statistics(model)
         step += 1
         if skipped:
             counts['skipped'] += 1
