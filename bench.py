@@ -39,6 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from layers import Tower
 from model import build, model_inputs
 
 # dense peak FLOP/s per dtype (vendor datasheets, SXM parts); fp32 means tensor-core-free fp32, tf32
@@ -153,11 +154,14 @@ def activation_gib(preset, batch_size=1):
     inputs) and one module's activations at a time (recomputed in the backward pass)."""
     config = train.make_config(train.parse_args(['--preset', preset]))
     with torch.device('meta'):
-        model = VAE(config)
+        model = build(config)
         S, C = config['image_size'], config['image_channels']
         x = torch.zeros(batch_size, C, S, S)
     total, inside, inputs = [0], {}, [0]
-    modules = list(model.encoder.blocks) + list(model.decoder.layers)
+    if config['model'] == 'nvae':   # what --grad_checkpoint recomputes
+        modules = [m for m in model.modules() if isinstance(m, Tower)]
+    else:
+        modules = list(model.encoder.blocks) + list(model.decoder.layers)
     def pack(t):
         total[0] += t.numel() * t.element_size()
         return t
@@ -207,7 +211,7 @@ def main():
         print('|---|---|---|---|')
         for preset in args.presets:
             with torch.device('meta'):
-                params = sum(p.numel() for p in VAE(train.make_config(train.parse_args(['--preset', preset]))).parameters())
+                params = sum(p.numel() for p in build(train.make_config(train.parse_args(['--preset', preset]))).parameters())
             plain, ckpt = activation_gib(preset, args.batch_size)
             print(f'| {preset} | {params:,} | {plain:.2f} GiB | {ckpt:.2f} GiB |', flush=True)
         return

@@ -4,11 +4,13 @@ diagonal Gaussians parameterised by (mean, log-sigma), and the two likelihoods (
 mixture of logistics for colour images, Bernoulli for binary ones).
 Facts: ../shared/DESIGN.md sections 1.2, 1.4 and 1.5.
 """
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -373,9 +375,36 @@ class Tower(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.c_out = c
 
+    grad_checkpoint = False   # --grad_checkpoint: recompute the tower in the backward pass
+
     def forward(self, x):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            calls = []
+
+            def tower(x):   # the recompute in the backward pass must not move the batch-norm statistics again
+                calls.append(x)
+                with frozen_batch_norm_statistics(self) if len(calls) > 1 else contextlib.nullcontext():
+                    return self.run(x)
+            return checkpoint(tower, x, use_reentrant=False)
+        return self.run(x)
+
+    def run(self, x):
         if self.stem is not None:
             x = self.stem(x)
         for block in self.blocks:
             x = block(x)
         return x
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_statistics(module):
+    """Batch norms inside run as in training, then get their moving statistics (and counters)
+    back as they were: a recomputed forward leaves no trace."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)

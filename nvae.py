@@ -366,6 +366,14 @@ class NVAE(nn.Module):
             out.append((p, q))
         return out
 
+    def set_grad_checkpoint(self, on=True):
+        """Recompute every residual tower (preprocessing, encoder, decoder, postprocessing) in the
+        backward pass instead of keeping its activations; the batch-norm statistics move once."""
+        for m in self.modules():
+            if isinstance(m, Tower):
+                m.grad_checkpoint = on
+        return self
+
     def crop(self, t):
         p = self.config['pad']
         return t[..., p:t.shape[-2] - p, p:t.shape[-1] - p] if p else t
