@@ -301,10 +301,10 @@ def update_ema(ema, model, updates, config):
     rate = config['ema_rate']
     if config['ema_warmup']:
         rate = min(rate, (1 + updates) / (10 + updates))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - rate)
-    for e, b in zip(ema.buffers(), model.buffers()):   # batch-norm running statistics: the model's own
-        e.copy_(b)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - rate)   # one fused call for all
+    buffers = list(ema.buffers())
+    if buffers:                                   # batch-norm running statistics: the model's own
+        torch._foreach_copy_(buffers, list(model.buffers()))
 
 
 # -----------------------------------------------------------------------------
