@@ -11,7 +11,7 @@ Faults (comma-separated; @S = at training step S, counted from 1 in this process
   kill@S:R        SIGKILL at the start of step S, in the first attempt only (not after a torchrun restart)
   kill_in_save@N  SIGKILL in the middle of writing the N-th checkpoint (half the bytes on disk)
   enospc_save@N   the N-th checkpoint write fails with "No space left on device" half-way
-  slow_save@N     the N-th checkpoint write starts 3 s late (a big checkpoint on a slow disk)
+  slow_save@N     the N-th checkpoint file write starts 3 s late (a big checkpoint on a slow disk)
   own_out_dir@0:R rank R reads and writes <out_dir>-rank<R> instead: a node-local --out_dir
 HVAE_CIFAR_TARBALL=path: CIFAR-10 downloads fetch that file (its md5 taken as the official one), one
 second after they start, so that ranks downloading at once overlap
@@ -42,7 +42,7 @@ for item in filter(None, os.environ.get('HVAE_FAULTS', '').split(',')):
     at, _, rank = where.partition(':')
     if not rank or int(rank) == RANK:
         FAULTS.setdefault(name, set()).add(int(at) if at else 0)
-state = dict(step=0, saves=0)
+state = dict(step=0, saves=0, writes=0)
 
 
 def train_step(*args, **kwargs):
@@ -69,8 +69,10 @@ def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
 def save(obj, path, *args, **kwargs):
     state['saves'] += 1
     n = state['saves']
-    if n in FAULTS.get('slow_save', ()):
-        time.sleep(3)
+    if isinstance(path, (str, os.PathLike)):   # a file, not the buffer of a tensor pickled by a collective
+        state['writes'] += 1
+        if state['writes'] in FAULTS.get('slow_save', ()):
+            time.sleep(3)
     if n in FAULTS.get('kill_in_save', set()) | FAULTS.get('enospc_save', set()):
         buffer = io.BytesIO()
         original_save(obj, buffer)

@@ -57,7 +57,7 @@ def test_ranks_resume_from_rank_0_s_checkpoint_or_stop_naming_the_rank_that_cann
     one line naming rank 1 and rank 0's checkpoint; with the checkpoint copied there, both ranks
     resume from it and stay identical."""
     out, local = tmp_path / 'out', tmp_path / 'out-rank1'
-    launch(out, 2, 4, nproc=2, data_root=fake_cifar)
+    launch(out, 2, 8, data_root=fake_cifar)                     # one process, the same global batch
     p = launch(out, 4, 4, nproc=2, faults='mean_z,own_out_dir@0:1', extra=['--resume'], check=False, data_root=fake_cifar)
     assert p.returncode != 0 and 'step 3' not in p.stdout
     assert f"error: rank 1 cannot see {out}/ckpt-00000002.pt, rank 0's latest checkpoint" in p.stderr
