@@ -174,7 +174,33 @@ def read_array_file(path, size):
         return x.transpose(0, 3, 1, 2)
     raise ValueError(f'{path}: expected uint8 (N, {3 * size * size}) in a .npz or (N, {size}, {size}, 3) in a .npy, found {x.dtype} {x.shape}')
 
+class ImageArray:
+    # images = array[indices], without making that copy: uint8 (N, C, H, W) on the host, often a
+    # memory-mapped .npy that every rank of a node reads through the one page cache. Indexing
+    # (an int, a slice, indices) gives a uint8 tensor.
+    def __init__(self, array, indices):
+        self.array, self.indices = array, np.asarray(indices)
+        self.shape = (len(self.indices), *array.shape[1:])
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        rows = self.indices[i.cpu().numpy() if isinstance(i, torch.Tensor) else i]
+        if np.ndim(rows) == 0:
+            return torch.from_numpy(np.ascontiguousarray(self.array[rows]))
+        order = np.argsort(rows, kind='stable')           # read the file front to back, then restore the order
+        picked = np.ascontiguousarray(self.array[rows[order]])
+        out = np.empty_like(picked)
+        out[order] = picked
+        return torch.from_numpy(out)
+
+    def nbytes(self):
+        return len(self) * int(np.prod(self.array.shape[1:])) * self.array.itemsize
+
 def load_imagenet(root, size):
+    # one copy at most: a single .npy is memory-mapped (no copy, shared by the node's ranks); several
+    # files or an .npz are read into one array; train and valid are views of it through their indices
     folder = root / f'imagenet{size}'
     def read(split):
         files = sorted(p for p in (folder / split).glob('*') if p.suffix in ('.npz', '.npy'))
@@ -182,10 +208,12 @@ def load_imagenet(root, size):
             raise FileNotFoundError(f'no .npz or .npy files in {folder / split}: put the {size}x{size} downsampled ImageNet '
                                     f'train files in {folder}/train/ and its validation files in {folder}/valid/ '
                                     f'(https://image-net.org/download-images, login needed)')
-        return np.concatenate([read_array_file(p, size) for p in files])
+        arrays = [read_array_file(p, size) for p in files]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     train = read('train')
     tr, va = holdout(len(train), 42)
-    return torch.from_numpy(train[tr]), torch.from_numpy(train[va]), torch.from_numpy(read('valid'))
+    test = read('valid')
+    return ImageArray(train, tr), ImageArray(train, va), ImageArray(test, np.arange(len(test)))
 
 # -----------------------------------------------------------------------------
 # folders of images
@@ -351,9 +379,12 @@ def prepare(batch, info, bits=8, pad=0):
 # batches
 
 class Batches:
-    # an endless stream of training batches, indexed straight out of a uint8 tensor on the device
-    def __init__(self, images, batch_size, seed=0, rank=0, world_size=1):
+    # an endless stream of training batches, indexed straight out of a uint8 tensor on the device, or
+    # out of host memory (a tensor or an ImageArray) and copied to the device batch by batch
+    def __init__(self, images, batch_size, seed=0, rank=0, world_size=1, device=None):
         self.images, self.batch_size, self.seed = images, batch_size, seed
+        self.device = torch.device(device) if device is not None else images.device
+        self.resident = isinstance(images, torch.Tensor) and images.device == self.device
         self.rank, self.world_size = rank, world_size
         if self.steps_per_epoch < 1:
             raise ValueError(f'{len(images)} images are too few for batch size {batch_size} on {world_size} rank(s)')
@@ -378,11 +409,13 @@ class Batches:
 
     def next(self):
         if self.cached[0] != self.epoch:
-            self.cached = (self.epoch, self.shard(self.epoch).to(self.images.device))
+            self.cached = (self.epoch, self.shard(self.epoch).to(self.device if self.resident else 'cpu'))
         i = self.index * self.batch_size
         x = self.images[self.cached[1][i:i + self.batch_size]]  # (B, C, H, W) uint8
         self.advance()
-        return x
+        if not self.resident and self.device.type == 'cuda':   # pinned, so that the copy overlaps compute
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     def state_dict(self):
         return {'epoch': self.epoch, 'index': self.index, 'global_batch': self.batch_size * self.world_size}
@@ -399,8 +432,8 @@ class Batches:
 class FolderBatches(Batches):
     # the same stream over an ImageFolder, decoded by DataLoader workers; unreadable files are replaced
     def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, num_workers=2, device='cpu'):
-        super().__init__(dataset, batch_size, seed, rank, world_size)
-        self.num_workers, self.device = num_workers, torch.device(device)
+        super().__init__(dataset, batch_size, seed, rank, world_size, device)
+        self.num_workers = num_workers
         self.skipped = 0  # unreadable files replaced so far
         self.loader = None
 
@@ -446,10 +479,30 @@ class FolderBatches(Batches):
         super().load_state_dict(state)
         self.loader = None  # restart the workers at the new position
 
-def make_batches(split, batch_size, seed=0, rank=0, world_size=1, device='cpu', num_workers=2):
+DEVICE_SHARE = 0.1   # a training split is kept on a GPU when it takes at most this share of its memory
+
+def device_memory(device):
+    # bytes of memory of a CUDA device; None for the CPU, whose memory is the host's
+    return torch.cuda.get_device_properties(device).total_memory if device.type == 'cuda' else None
+
+def keeps_on_device(split, device, memory=None):
+    # CIFAR-10 (138 MB) and MNIST go to any GPU; ImageNet-64 (15.1 GB) stays in host memory on a 24 GB
+    # or 80 GB one. On the CPU, tensors are used where they are and ImageArrays read from their file.
+    memory = device_memory(device) if memory is None else memory
+    nbytes = split.nbytes() if isinstance(split, ImageArray) else split.numel() * split.element_size()
+    if memory is None:
+        return isinstance(split, torch.Tensor)
+    return nbytes <= DEVICE_SHARE * memory
+
+def make_batches(split, batch_size, seed=0, rank=0, world_size=1, device='cpu', num_workers=2, memory=None):
+    # memory: the device's bytes, to decide where the split lives (default: read from the device)
+    device = torch.device(device)
     if isinstance(split, ImageFolder):
         return FolderBatches(split, batch_size, seed, rank, world_size, num_workers, device)
-    return Batches(split.to(device), batch_size, seed, rank, world_size)
+    if keeps_on_device(split, device, memory):
+        images = split if isinstance(split, torch.Tensor) else split[np.arange(len(split))]
+        return Batches(images.to(device), batch_size, seed, rank, world_size)
+    return Batches(split, batch_size, seed, rank, world_size, device)
 
 def eval_batches(split, batch_size, device='cpu', rank=0, world_size=1, num_workers=2):
     # every image once (rank's share: every world_size-th), in order, as uint8 (B, C, H, W) on

@@ -286,11 +286,47 @@ def test_imagenet_npz_planar_and_npy_hwc_files_give_the_same_images(tmp_path):
                     np.save(root / 'imagenet32' / split / f'batch_{j}.npy', part)
     a, b = data.load_dataset('imagenet32', tmp_path / 'npz'), data.load_dataset('imagenet32', tmp_path / 'npy')
     for k in ('train', 'valid', 'test'):
-        assert torch.equal(a[k], b[k])
+        assert torch.equal(a[k][:], b[k][:])
     assert a['train'].shape == (36, 3, 32, 32) and a['valid'].shape == (4, 3, 32, 32)
-    assert torch.equal(a['test'], torch.from_numpy(hwc['valid']).permute(0, 3, 1, 2))
-    assert abs(a['shift'] + a['train'].double().mean().item()) < 1e-9
-    assert abs(1 / a['scale'] - a['train'].double().std(unbiased=False).item()) < 1e-6
+    assert torch.equal(a['test'][:], torch.from_numpy(hwc['valid']).permute(0, 3, 1, 2))
+    assert abs(a['shift'] + a['train'][:].double().mean().item()) < 1e-9
+    assert abs(1 / a['scale'] - a['train'][:].double().std(unbiased=False).item()) < 1e-6
+
+
+def test_a_single_imagenet_npy_is_memory_mapped_and_train_and_valid_are_views_of_it(tmp_path):
+    x = np.random.RandomState(1).randint(0, 256, (50, 32, 32, 3)).astype(np.uint8)
+    for split in ('train', 'valid'):
+        (tmp_path / 'imagenet32' / split).mkdir(parents=True)
+        np.save(tmp_path / 'imagenet32' / split / 'all.npy', x)
+    info = data.load_dataset('imagenet32', tmp_path)
+    train, valid = info['train'], info['valid']
+    assert isinstance(train.array.base, np.memmap) and train.array is valid.array     # no copy of the file
+    rows = np.concatenate([train.indices, valid.indices])
+    assert sorted(rows) == list(range(50))                                            # the holdout split
+    idx = torch.tensor([7, 3, 3, 0])                                                  # any order, repeats
+    assert torch.equal(train[idx], torch.from_numpy(x[train.indices[[7, 3, 3, 0]]]).permute(0, 3, 1, 2))
+
+
+def test_batches_from_host_memory_are_the_resident_batches_in_the_same_order():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    resident = data.make_batches(images, 4, seed=3, rank=1, world_size=2, memory=10**12)
+    host = data.make_batches(data.ImageArray(images.numpy(), np.arange(64)), 4, seed=3, rank=1, world_size=2, memory=10**3)
+    assert resident.resident and not host.resident
+    for _ in range(20):                                                               # across an epoch boundary
+        assert torch.equal(resident.next(), host.next())
+    assert resident.state_dict() == host.state_dict()
+
+
+def test_cifar10_lives_on_a_24gb_gpu_and_imagenet64_stays_in_host_memory_one_batch_at_a_time():
+    GB24 = 24 * 10**9
+    cifar = torch.empty(45000, 3, 32, 32, dtype=torch.uint8)                          # 138 MB
+    assert data.keeps_on_device(cifar, torch.device('cuda'), GB24)
+    fake = np.broadcast_to(np.zeros((1, 3, 64, 64), np.uint8), (1_281_167, 3, 64, 64))   # ImageNet-64, no memory
+    train = data.ImageArray(fake, np.arange(1_276_167))                              # 15.7 GB
+    assert not data.keeps_on_device(train, torch.device('cuda'), GB24)
+    assert not data.keeps_on_device(train, torch.device('cuda'), 80 * 10**9)
+    batches = data.make_batches(train, 4, memory=GB24)
+    assert not batches.resident and batches.next().shape == (4, 3, 64, 64)
 
 
 def test_imagenet_file_of_wrong_shape_is_a_value_error_naming_it(tmp_path):
