@@ -509,3 +509,11 @@ def test_bernoulli_likelihood_scores_the_bits_and_reads_them_as_2b_minus_1():
     torch.testing.assert_close(lp.gather(-1, bits[:, 0].long()[..., None])[..., 0].sum((1, 2)), -expected)
     out = vae(x, target)
     assert out['distortion'].shape == (2,) and torch.isfinite(out['distortion']).all()
+
+
+def test_official_flags_hvae_cannot_build_are_refused():
+    for flags in ('--encoder_hparams=use_se=True', '--decoder_hparams=nonlocop_hparams=[subsample=True]',
+                  '--hparams=num_proc_blocks=2', '--decoder_attention_hparams=key_dim=8,query_dim=4'):
+        with pytest.raises(ValueError):
+            nvae.official_attentive_config(flags)
+    nvae.official_attentive_config(ATTENTIVE_CIFAR + ' --train_hparams=num_gpus=4,batch_size=40')   # run flags pass
