@@ -499,6 +499,20 @@ def parse_group(value):
     return out
 
 
+TOWER = {'scale', 'use_nonlocal', 'nonlocop_hparams', 'num_blocks', 'num_filters', 'num_nodes'}
+SUPPORTED = {   # the flags of ATTENTIVE.md 11 (and a few neighbours) that hvae reads
+    'hparams': {'layer_latent_shape', 'num_layers', 'data_distribution', 'num_proc_blocks'},
+    'encoder_attention_hparams': {'key_dim', 'query_dim', 'use_layer_norm'},
+    'decoder_attention_hparams': {'key_dim', 'query_dim', 'use_layer_norm'},
+    'encoder_hparams': TOWER, 'decoder_hparams': TOWER, 'preproc_encoder_hparams': TOWER,
+    'postproc_decoder_hparams': TOWER,
+    'merge_encoder_hparams': {'use_nonlocal', 'nonlocop_hparams'}, 'merge_decoder_hparams': {'use_nonlocal', 'nonlocop_hparams'},
+    'posterior_hparams': {'log_scale_upper_bound', 'log_scale_low_bound', 'noise_stddev'},
+    'prior_hparams': {'log_scale_upper_bound', 'log_scale_low_bound', 'noise_stddev'},
+    'data_dist_hparams': {'num_logistic_mix', 'log_scale_low_bound'},
+}
+
+
 def official_attentive_config(flags):
     """An official run.py flag string (the model flags of ATTENTIVE.md 11; --train_hparams and
     others are ignored) -> hvae config for NVAE. Unset flags take the official defaults (section 0)."""
@@ -509,6 +523,15 @@ def official_attentive_config(flags):
     if groups.get('dataset', 'cifar10') not in ('cifar10', 'omniglot', 'mnist'):
         raise ValueError(f"dataset {groups['dataset']!r} is not one hvae reads")
     binary = groups.get('dataset', 'cifar10') != 'cifar10'
+    for name, group in groups.items():           # refuse what hvae would silently build otherwise
+        allowed = SUPPORTED.get(name)
+        if allowed is None:
+            continue                             # --dataset, --train_hparams and other run flags
+        for key, value in group.items():
+            if key not in allowed:
+                raise ValueError(f'--{name}: {key}={value} is not supported by hvae')
+            if key == 'nonlocop_hparams' and set(value) - {'key_dim', 'query_dim'}:
+                raise ValueError(f'--{name}: nonlocop_hparams {value} (only key_dim, query_dim) is not supported by hvae')
     h, enc, dec = groups.get('hparams', {}), groups.get('encoder_attention_hparams'), groups.get('decoder_attention_hparams')
     tower = lambda g: groups.get(g, {})
     if h.get('num_proc_blocks', 1) != 1:

@@ -509,3 +509,21 @@ def test_bernoulli_likelihood_scores_the_bits_and_reads_them_as_2b_minus_1():
     torch.testing.assert_close(lp.gather(-1, bits[:, 0].long()[..., None])[..., 0].sum((1, 2)), -expected)
     out = vae(x, target)
     assert out['distortion'].shape == (2,) and torch.isfinite(out['distortion']).all()
+
+
+def test_official_flags_hvae_cannot_build_are_refused():
+    for flags in ('--encoder_hparams=use_se=True', '--decoder_hparams=nonlocop_hparams=[subsample=True]',
+                  '--hparams=num_proc_blocks=2', '--decoder_attention_hparams=key_dim=8,query_dim=4'):
+        with pytest.raises(ValueError):
+            nvae.official_attentive_config(flags)
+    nvae.official_attentive_config(ATTENTIVE_CIFAR + ' --train_hparams=num_gpus=4,batch_size=40')   # run flags pass
+
+
+@pytest.mark.parametrize('config', [nvae.DEFAULTS, nvae.BASELINE], ids=['attentive', 'baseline'])
+def test_paper_models_run_forward_and_top_down_on_the_meta_device(config):
+    with torch.device('meta'):
+        vae = nvae.NVAE(config)
+        x = torch.empty(2, 3, 32, 32)
+        out = vae(x, x)
+        assert out['distortion'].shape == (2,) and out['kl'].shape == (2, 16) and vae.l2_penalty().shape == ()
+        assert vae.eval().top_down(None, lambda i, p, q: p[0], 2).shape == (2, 50, 32, 32)
