@@ -598,8 +598,9 @@ def fmt_time(seconds):
     return f'{seconds / 3600:.1f}h' if seconds >= 3600 else f'{seconds / 60:.1f}m'
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """Config, process group, model, data, optimiser and, when resuming, their saved state -> the
+    run (a namespace of all of them), or None after --dry_run."""
     config = make_config(args)
     rank, world, device = setup_distributed(args.device)
     print0 = print if rank == 0 else (lambda *a, **k: None)
@@ -622,133 +623,170 @@ def main(argv=None):
     if args.dry_run:
         print0(json.dumps({k: config[k] for k in sorted(config)}, indent=1))
         print0(f"model {config['model']}: {n_layers(model)} stochastic layers, {n_params:,} parameters")
-        return
-    out_dir = config['out_dir']
+        return None
     if rank == 0:
-        check_out_dir(out_dir, n_params, ckpt is not None or restarted)
+        check_out_dir(config['out_dir'], n_params, ckpt is not None or restarted)
     fetch_data_once(config, rank)
     # a checkpoint's split and normalisation, not recomputed from a folder that may have changed since
     info = data.load_run_dataset(config, ckpt.get('dataset') if ckpt is not None else None, config['download'])
-    data_record = data.dataset_record(info, config['data_root'])
-    batches = data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device)
-    ema = build(config).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler(device.type) if config['dtype'] == 'fp16' else None
-    spe = batches.steps_per_epoch
-    step, counts = 0, dict(updates=0, skipped=0, skips_in_row=0, elapsed=0.0)
+    run = argparse.Namespace(config=config, rank=rank, world=world, device=device, print0=print0, model=model,
+                             info=info, data_record=data.dataset_record(info, config['data_root']),
+                             batches=data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device),
+                             ema=build(config).to(device).requires_grad_(False), optimizer=make_optimizer(model, config),
+                             scaler=torch.amp.GradScaler(device.type) if config['dtype'] == 'fp16' else None,
+                             step=0, counts=dict(updates=0, skipped=0, skips_in_row=0, elapsed=0.0),
+                             log_path=os.path.join(config['out_dir'], 'log.jsonl'), t_start=time.time())
+    run.ema.load_state_dict(model.state_dict())
     torch.manual_seed(config['seed'] + rank)   # each rank its own noise (posterior draws, flips)
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        ema.load_state_dict(ckpt['ema'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        batches.load_state_dict(ckpt['data'])
-        if scaler and ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        step, counts = ckpt['step'], ckpt['counts']
-        if rank < len(ckpt['rng']):
-            set_rng_state(ckpt['rng'][rank], device)
-        else:   # more ranks than the run that wrote it
-            torch.manual_seed(config['seed'] + rank + 7919 * step)
-        print0(f'resumed from step {step} of {ckpt_path}')
-        changed = [f"{k} {ckpt['config'].get(k)!r} -> {config[k]!r}" for k in RECIPE_KEYS
-                   if ckpt['config'].get(k) != config[k]]
-        if changed:
-            print0(f"recipe changed on resume: {', '.join(changed)}")
+        restore(run, ckpt, ckpt_path)
         ckpt = None   # the loaded dict is a second copy of the weights and optimiser (~2 GB at ImageNet-64 size)
-    if config['channels_last']:
-        model = model.to(memory_format=torch.channels_last)
-    if config['sync_bn'] and world > 1:   # one set of batch statistics over all processes
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if config['compile']:
-        model.compile()   # in place: the state dict keeps its names
-    ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
-    print0(f"model {config['model']} ({config['preset']} preset): {n_layers(model)} stochastic layers, "
+    wrap_model(run)
+    print0(f"model {config['model']} ({config['preset']} preset): {n_layers(run.model)} stochastic layers, "
            f"{n_params:,} parameters, {len(info['train']):,} training images, device {device}"
            + (f", {world} processes x batch {config['batch_size']}" if world > 1 else ''))
-    log_path = os.path.join(out_dir, 'log.jsonl')
     if rank == 0:
-        trim_log(log_path, step)
-    eval_split = info['valid'] if len(info['valid']) else info['test']
-    stop = StopSignal()
+        trim_log(run.log_path, run.step)
+    return run
 
-    def save():
-        state = dict(format=CHECKPOINT_FORMAT, config=config, step=step, model=model.state_dict(),
-                     ema=ema.state_dict(), optimizer=optimizer.state_dict(), rng=gather(rng_state(device)),
-                     data=batches.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start), dataset=data_record)
-        return save_checkpoint(state, out_dir, config['keep']) if rank == 0 else None
 
-    t_start = t_log = t_save = time.time()
+def restore(run, ckpt, path):
+    """Weights, EMA, optimiser, data position, scaler, counters and this rank's RNG of a checkpoint."""
+    run.model.load_state_dict(ckpt['model'])
+    run.ema.load_state_dict(ckpt['ema'])
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    run.batches.load_state_dict(ckpt['data'])
+    if run.scaler and ckpt.get('scaler'):
+        run.scaler.load_state_dict(ckpt['scaler'])
+    run.step, run.counts = ckpt['step'], ckpt['counts']
+    if run.rank < len(ckpt['rng']):
+        set_rng_state(ckpt['rng'][run.rank], run.device)
+    else:   # more ranks than the run that wrote it
+        torch.manual_seed(run.config['seed'] + run.rank + 7919 * run.step)
+    run.print0(f'resumed from step {run.step} of {path}')
+    changed = [f"{k} {ckpt['config'].get(k)!r} -> {run.config[k]!r}" for k in RECIPE_KEYS
+               if ckpt['config'].get(k) != run.config[k]]
+    if changed:
+        run.print0(f"recipe changed on resume: {', '.join(changed)}")
+
+
+def wrap_model(run):
+    """Memory format, synchronised batch norm, compile, DDP: run.model stays the plain module."""
+    config = run.config
+    if config['channels_last']:
+        run.model = run.model.to(memory_format=torch.channels_last)
+    if config['sync_bn'] and run.world > 1:   # one set of batch statistics over all processes
+        run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+    if config['compile']:
+        run.model.compile()   # in place: the state dict keeps its names
+    run.ddp = run.model
+    if run.world > 1:
+        run.ddp = DDP(run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+
+
+def save(run):
+    """Rank 0 writes the checkpoint (every rank gathers its RNG state) -> its path."""
+    state = dict(format=CHECKPOINT_FORMAT, config=run.config, step=run.step, model=run.model.state_dict(),
+                 ema=run.ema.state_dict(), optimizer=run.optimizer.state_dict(), rng=gather(rng_state(run.device)),
+                 data=run.batches.state_dict(), scaler=run.scaler.state_dict() if run.scaler else None,
+                 counts=dict(run.counts, elapsed=run.counts['elapsed'] + time.time() - run.t_start),
+                 dataset=run.data_record)
+    return save_checkpoint(state, run.config['out_dir'], run.config['keep']) if run.rank == 0 else None
+
+
+def count_update(run, stats, skipped):
+    """Count the step's update or skip and move the EMA; stop (checkpoint first) after too many
+    skips in a row."""
+    counts = run.counts
+    if not skipped:
+        counts['updates'] += 1
+        counts['skips_in_row'] = 0
+        update_ema(run.ema, run.model, counts['updates'], run.config)
+        return
+    counts['skipped'] += 1
+    counts['skips_in_row'] += 1
+    if counts['skips_in_row'] >= run.config['max_skips_in_row']:
+        path = save(run)
+        if dist.is_initialized():
+            dist.barrier()   # rank 0's write is done: torchrun kills the group when one rank exits
+        run.print0(f"stopping at step {run.step}: {counts['skips_in_row']} updates in a row skipped "
+                   f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {run.config['skip_threshold']}, "
+                   f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}", file=sys.stderr)
+        sys.exit(1)
+
+
+def log_window(run, window, seconds, minutes):
+    """One log line and one log.jsonl record: the means of the steps since the last one."""
+    config, spe, step = run.config, run.batches.steps_per_epoch, run.step
+    mean = {k: sum(s[k] for s in window) / len(window) for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
+    bad_images = all_mean(torch.tensor([float(getattr(run.batches, 'skipped', 0))], device=run.device)).item() * run.world
+    rec = dict(step=step, elbo_bpd=mean['elbo'] / math.log(2), distortion_bpd=mean['distortion'] / math.log(2),
+               rate_bpd=mean['rate'] / math.log(2), grad_norm=mean['grad_norm'], skipped=run.counts['skipped'],
+               lr=get_lr(step - 1, config, spe), kl_weight=window[-1]['kl_weight'],
+               images_per_s=len(window) * config['batch_size'] * run.world / seconds, minutes=minutes,
+               kl_per_layer=[sum(s['kl'][i] for s in window) / len(window) for i in range(len(window[0]['kl']))])
+    if bad_images:
+        rec['unreadable_images'] = round(bad_images)
+    eta = (config['max_steps'] - step) * seconds / len(window)
+    if config['max_minutes']:
+        eta = min(eta, max(0.0, 60 * (config['max_minutes'] - minutes)))
+    run.print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
+               f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {run.counts['skipped']} | "
+               f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}"
+               + (f" | {rec['unreadable_images']} unreadable images replaced" if bad_images else ''), flush=True)
+    if run.rank == 0:
+        log(rec, run.log_path)
+
+
+def log_eval(run):
+    """The EMA model's negative ELBO on the validation split (the test split if there is none)."""
+    split = run.info['valid'] if len(run.info['valid']) else run.info['test']
+    nelbo, _ = evaluate(run.ema, split, run.info, run.config, run.device, run.config['eval_batches'])
+    run.print0(f"step {run.step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd on {len(nelbo)} images")
+    if run.rank == 0:
+        log(dict(step=run.step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo)), run.log_path)
+
+
+def main(argv=None):
+    run = setup(parse_args(argv))
+    if run is None:
+        return None
+    config, spe, stop = run.config, run.batches.steps_per_epoch, StopSignal()
+    run.t_start = t_log = t_save = time.time()
     window = []
-    while step < config['max_steps']:
-        for group in optimizer.param_groups:
-            group['lr'] = get_lr(step, config, spe)
-        stats, skipped = train_step(ddp, optimizer, batches.next(), info, config, get_kl_weight(step, config, spe), scaler)
-        if world > 1 and not config['sync_bn']:
-            average_bn_statistics(model)
-        step += 1
-        if skipped:
-            counts['skipped'] += 1
-            counts['skips_in_row'] += 1
-            if counts['skips_in_row'] >= config['max_skips_in_row']:
-                path = save()
-                if dist.is_initialized():
-                    dist.barrier()   # rank 0's write is done: torchrun kills the group when one rank exits
-                print0(f"stopping at step {step}: {counts['skips_in_row']} updates in a row skipped "
-                       f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {config['skip_threshold']}, "
-                       f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}", file=sys.stderr)
-                sys.exit(1)
-        else:
-            counts['updates'] += 1
-            counts['skips_in_row'] = 0
-            update_ema(ema, model, counts['updates'], config)
+    while run.step < config['max_steps']:
+        for group in run.optimizer.param_groups:
+            group['lr'] = get_lr(run.step, config, spe)
+        stats, skipped = train_step(run.ddp, run.optimizer, run.batches.next(), run.info, config,
+                                    get_kl_weight(run.step, config, spe), run.scaler)
+        if run.world > 1 and not config['sync_bn']:
+            average_bn_statistics(run.model)
+        run.step += 1
+        count_update(run, stats, skipped)
         window.append(stats)
-        minutes = (counts['elapsed'] + time.time() - t_start) / 60
+        minutes = (run.counts['elapsed'] + time.time() - run.t_start) / 60
         signalled, out_of_time, save_due = agree(
-            device, stop.name is not None, config['max_minutes'] and minutes >= config['max_minutes'],
-            (config['save_every'] and step % config['save_every'] == 0)
+            run.device, stop.name is not None, config['max_minutes'] and minutes >= config['max_minutes'],
+            (config['save_every'] and run.step % config['save_every'] == 0)
             or (config['save_every_minutes'] > 0 and time.time() - t_save >= 60 * config['save_every_minutes']))
-        done = (step >= config['max_steps'] or (config['epochs'] and step >= config['epochs'] * spe)
+        done = (run.step >= config['max_steps'] or (config['epochs'] and run.step >= config['epochs'] * spe)
                 or out_of_time or signalled)
-        if step % config['log_every'] == 0 or done:
-            dt = time.time() - t_log
-            mean = {k: sum(s[k] for s in window) / len(window) for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
-            bad_images = all_mean(torch.tensor([float(getattr(batches, 'skipped', 0))], device=device)).item() * world
-            rec = dict(step=step, elbo_bpd=mean['elbo'] / math.log(2), distortion_bpd=mean['distortion'] / math.log(2),
-                       rate_bpd=mean['rate'] / math.log(2), grad_norm=mean['grad_norm'], skipped=counts['skipped'],
-                       lr=get_lr(step - 1, config, spe), kl_weight=stats['kl_weight'],
-                       images_per_s=len(window) * config['batch_size'] * world / dt, minutes=minutes,
-                       kl_per_layer=[sum(s['kl'][i] for s in window) / len(window) for i in range(len(window[0]['kl']))])
-            if bad_images:
-                rec['unreadable_images'] = round(bad_images)
-            eta = (config['max_steps'] - step) * dt / len(window)
-            if config['max_minutes']:
-                eta = min(eta, max(0.0, 60 * (config['max_minutes'] - minutes)))
-            print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
-                   f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {counts['skipped']} | "
-                   f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}"
-                   + (f" | {rec['unreadable_images']} unreadable images replaced" if bad_images else ''), flush=True)
-            if rank == 0:
-                log(rec, log_path)
+        if run.step % config['log_every'] == 0 or done:
+            log_window(run, window, time.time() - t_log, minutes)
             window, t_log = [], time.time()
-        if config['eval_every'] and step % config['eval_every'] == 0 and not done:
-            nelbo, _ = evaluate(ema, eval_split, info, config, device, config['eval_batches'])
-            print0(f"step {step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd on {len(nelbo)} images")
-            if rank == 0:
-                log(dict(step=step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo)), log_path)
+        if config['eval_every'] and run.step % config['eval_every'] == 0 and not done:
+            log_eval(run)
             t_log = time.time()
         if done or save_due:
-            path = save()
-            print0(f'saved {path}' if not signalled else
-                   f'{stop.name or "a signal to another rank"}: stopped after step {step}, saved {path}; continue with --resume',
-                   flush=True)
+            path = save(run)
+            run.print0(f'saved {path}' if not signalled else f'{stop.name or "a signal to another rank"}: stopped '
+                       f'after step {run.step}, saved {path}; continue with --resume', flush=True)
             t_save = time.time()
         if done:
             break
     if dist.is_initialized():
         dist.destroy_process_group()
-    return model
+    return run.model
 
 
 if __name__ == '__main__':
