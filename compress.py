@@ -311,6 +311,8 @@ def encode_all(codec, tiles, masks, batch=BATCH, borrow=1, progress=None):
             size = int(max(1, min(batch, room // (1.1 * pop), len(tiles) - start)))
         codec.encode(coder, torch.from_numpy(tiles[start:start + size]), masks[start:start + size])
         lowest, pop = min(lowest, codec.low_words), max(pop or 0, codec.popped / size)
+        if lowest <= 2:   # cannot happen: the seed holds 24 bits (the most a pop takes) per latent of `borrow` tiles
+            raise RuntimeError('the seeded stack ran dry; compress again with a larger --borrow')
         sizes.append(size)
         start += size
         if progress:
