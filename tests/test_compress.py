@@ -71,7 +71,7 @@ def read_png(path):
 def round_trip(ckpt, files, tmp_path, *flags):
     """compress.py on the command line, then --decompress; -> {name: (mode, pixels)} of the output."""
     hvz, out = tmp_path / 'out.hvz', tmp_path / 'restored'
-    run('compress.py', ckpt, *files, '-o', hvz, *flags)
+    run('compress.py', ckpt, *files, '-o', hvz, '--threads', '1', *flags)   # small tensors: one thread is fastest
     run('compress.py', ckpt, '--decompress', hvz, '-o', out)
     return {str(p.relative_to(out)): read_png(p) for p in sorted(out.rglob('*.png'))}
 
@@ -243,7 +243,7 @@ def test_the_initial_bits_are_left_out_of_the_file_and_reported_apart(ckpts, cif
 def written(ckpts, cifar_test, tmp_path_factory):
     d = tmp_path_factory.mktemp('written')
     files = [save_png(p, d / f'{i}.png') for i, p in enumerate(cifar_test[:2].numpy())]
-    run('compress.py', ckpts['cifar'], *files, '-o', d / 'good.hvz')
+    run('compress.py', ckpts['cifar'], *files, '-o', d / 'good.hvz', '--threads', '1')
     return d / 'good.hvz'
 
 
