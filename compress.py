@@ -453,7 +453,7 @@ def decompress(codec, header, payload, path):
         raise ValueError(f'{path}: its header is inconsistent ({len(masks)} tiles, batches for {sum(header["batches"])})')
     try:
         tiles = decode_all(codec, payload, masks, header['batches'], header['seed_words'], header['untouched'])
-    except (ValueError, RuntimeError, OverflowError) as e:   # constriction refuses an impossible stack
+    except (ValueError, KeyError, RuntimeError, OverflowError) as e:   # constriction refuses an impossible stack
         raise ValueError(f'{path} does not decode with this model ({str(e)[:100]})') from None
     images, at = [], 0
     for im in header['images']:

@@ -287,6 +287,28 @@ def test_the_wrong_checkpoint_is_refused(ckpts, written, tmp_path):
     assert 'another model' in decompress_fails(ckpts['other'], written, tmp_path)
 
 
+def test_another_torch_device_or_grid_is_refused_by_the_header(ckpts, cifar_test):
+    codec = codec_of(ckpts['cifar'])
+    header, words, _ = compress.compress(codec, [cifar_test[0].numpy()], ['RGB'], ['a'])
+    for key, value, words_ in [('torch', '1.0.0', 'torch 1.0.0'), ('device', 'cuda (H100)', 'device cuda'),
+                               ('grid', dict(step=0.25, range=128, window=32), 'latent grid')]:
+        with pytest.raises(ValueError, match=words_):
+            compress.decompress(codec, {**header, key: value}, words, 'f.hvz')
+
+
+def test_a_model_that_computes_differently_gives_an_error_never_a_wrong_image(ckpts, cifar_test):
+    """Weights off by a rounding error, the fingerprint forged to match: the decoder's
+    distributions differ from the encoder's, and the checks (the stack must end at its seed, the
+    pixels' checksum) turn that into an error."""
+    codec = codec_of(ckpts['cifar'])
+    images = list(cifar_test[:3].numpy())
+    header, words, _ = compress.compress(codec, images, ['RGB'] * 3, list('abc'))
+    with torch.no_grad():
+        codec.vae.decoder.head.bias.add_(1e-3)
+    with pytest.raises(ValueError, match='does not decode|do not match|does not end'):
+        compress.decompress(codec, header, words, 'f.hvz')
+
+
 def test_images_the_model_cannot_take_are_refused_before_any_output(ckpts, cifar_test, tmp_path):
     colour = save_png(cifar_test[0].numpy(), tmp_path / 'colour.png')
     grey = save_png(np.full((1, 28, 28), 128, np.uint8), tmp_path / 'grey.png', 'L')
