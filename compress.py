@@ -106,7 +106,7 @@ def on_grid(prior, k):
 
 
 # -----------------------------------------------------------------------------
-# bits-back coding of one batch of tiles (B, C, T, T) uint8, `sizes` their visible (h, w)
+# bits-back coding of one batch of tiles, uint8 (B, C, T, T), `mask` (B, T, T) their visible pixels
 
 class Codec:
     def __init__(self, vae, norm, device):
@@ -178,7 +178,7 @@ class Codec:
             view = tiles.transpose(1, 0, 2, 3)
             view[:, mask] |= low.reshape(C, -1)
         tiles = torch.from_numpy(pad_edges(tiles.astype(np.uint8), mask))
-        posteriors, coder_time = [], self.clock.seconds['coder']
+        posteriors = []
 
         def pick_posterior(l, prior, posterior):   # q(z_l | x, z_<l) again, now that x is known
             posteriors.append(grid_posterior(prior, posterior))
