@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import conv, upsample
+from layers import WNConv2d, conv, upsample
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -148,3 +148,102 @@ class NonLocal(nn.Module):
         v = self.value(x).flatten(2).transpose(1, 2)                # (B, HW, C)
         y = F.scaled_dot_product_attention(q, k, v, scale=1.0)      # (B, HW, C)
         return x + self.gate * y.transpose(1, 2).reshape(B, C, H, W)
+
+
+# -----------------------------------------------------------------------------
+# the official attentive VAE's attention (ifiaposto/Deep_Attentive_VI src/layers/attention.py and
+# src/model/variational_layer.py; ../shared/ATTENTIVE.md sections 1.5 to 1.7 and 3), used by nvae.py
+
+def residual_norm(norm, y):
+    """R(y) = y + GELU(LayerNorm(y)); official: tfa.activations.gelu, approximate (tanh) by default."""
+    return y + F.gelu(norm(y), approximate='tanh')
+
+
+class NonLocalBlock(nn.Module):
+    """official: NonlocalResNetBlock (use_layer_norm and subsample off). Over the N = H W positions
+    of one image: y_n = sum_m softmax_m(a q_n . k_m) v_m, output x + gamma * y; q, k: 1x1
+    weight-normalised convs to key_width, v: C -> C, all with bias; no 1/sqrt(d); a (trained)
+    starts at 1, gamma at 0. `bias` False where the official block inherits use_bias False (the
+    upsampling shortcut's)."""
+
+    def __init__(self, channels, key_width, bias=True):
+        super().__init__()
+        self.query = WNConv2d(channels, key_width, bias=bias)
+        self.key = WNConv2d(channels, key_width, bias=bias)
+        self.value = WNConv2d(channels, channels, bias=bias)
+        self.scale = nn.Parameter(torch.ones(()))   # official: _alignment_function.scale
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2) * self.scale   # (B, N, k)
+        k = self.key(x).flatten(2).transpose(1, 2)                  # (B, N, k)
+        v = self.value(x).flatten(2).transpose(1, 2)                # (B, N, C)
+        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)      # (B, N, C)
+        return x + self.gamma * y.transpose(1, 2).reshape(B, C, H, W)
+
+
+def depth_scale(trainable):
+    """The depth-wise attention's scale a. official oddity: under TF 2.3 `DepthWiseAttention` is a
+    tf.Module whose SoftmaxAlignment scale Keras does not track, so it stays 1 (ATTENTIVE.md 1.6);
+    `trainable` makes it a parameter (as TF 2.15 would, still unregularised)."""
+    return nn.Parameter(torch.ones(())) if trainable else 1.0
+
+
+class DecoderAttention(nn.Module):
+    """The prior side of layer i >= 1 (official: VariationalLayer.call_decoder). Contexts c_j
+    (B, S + K, H, W) of the layers j < i are read as value (first S channels) and key (last K).
+    With LayerNorms: s <- R(s); the newest context's value gets a plain LayerNorm (its key stays
+    raw; the older ones were normalised by the model's own LayerNorms, nvae.py); A = depth-wise
+    attention(query, keys, values); A <- R(A). Prior input = s + gate * A (gate starts at 0)."""
+
+    def __init__(self, width, layer_norm=True, trainable_scale=False):
+        super().__init__()
+        self.width, self.layer_norm = width, layer_norm
+        if layer_norm:
+            self.context_norm = ChannelNorm(width)     # official: _ctx_layer_norm_layer
+            self.newest_norm = ChannelNorm(width)      # official: _attention_layer_norm_layer
+            self.attended_norm = ChannelNorm(width)    # official: _attention_layer_norm_layer2
+        self.gate = nn.Parameter(torch.zeros(()))      # official: _gamma
+        self.scale = depth_scale(trainable_scale)
+
+    def forward(self, s, query, contexts):
+        """s (B, S, H, W), query (B, K, H, W), contexts: list of (B, S + K, H, W), oldest first
+        -> (s, the state passed on as context; the prior's input), both (B, S, H, W)"""
+        values = [c[:, :self.width] for c in contexts]
+        keys = torch.stack([c[:, self.width:] for c in contexts], 1)          # (B, i, K, H, W)
+        if self.layer_norm:
+            s = residual_norm(self.context_norm, s)
+            values[-1] = self.newest_norm(values[-1])   # official oddity: only the newest value, its key raw (ATTENTIVE.md 8.6)
+        attended, _ = depth_attention(query, keys, torch.stack(values, 1), self.scale)   # (B, S, H, W)
+        if self.layer_norm:
+            attended = residual_norm(self.attended_norm, attended)
+        return s, s + self.gate * attended
+
+
+class EncoderAttention(nn.Module):
+    """The posterior side (official: VariationalLayer.infer). The layer's own encoder feature
+    (merged with the prior input for i >= 1) and the features closer to the data, each read as
+    value (first V channels) and key (last K); the query is the first K channels of the decoder
+    state. B = depth-wise attention over them (own entry first), with LayerNorms B <- R(B) and
+    u <- R(u); h = u + gate * B. No LayerNorm on the features themselves."""
+
+    def __init__(self, width, layer_norm=True, trainable_scale=False):
+        super().__init__()
+        self.width, self.layer_norm = width, layer_norm
+        if layer_norm:
+            self.feature_norm = ChannelNorm(width)     # official: _cond_attention_layer_norm_layer
+            self.attended_norm = ChannelNorm(width)    # official: _encoder_attention_layer_norm_layer
+        self.gate = nn.Parameter(torch.zeros(()))      # official: _encoder_gamma
+        self.scale = depth_scale(trainable_scale)
+
+    def forward(self, query, u, key, closer):
+        """query (B, K, H, W); u (B, V, H, W) and key (B, K, H, W): the own entry; closer: list of
+        encoder features (B, V + K, H, W) -> h (B, V, H, W)"""
+        values = torch.stack([u] + [f[:, :self.width] for f in closer], 1)    # (B, n, V, H, W)
+        keys = torch.stack([key] + [f[:, self.width:] for f in closer], 1)    # (B, n, K, H, W)
+        attended, _ = depth_attention(query, keys, values, self.scale)
+        if self.layer_norm:
+            attended = residual_norm(self.attended_norm, attended)
+            u = residual_norm(self.feature_norm, u)
+        return u + self.gate * attended

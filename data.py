@@ -86,7 +86,8 @@ def read_cifar_batch(path):
         raise ValueError(f'{path}: expected uint8 data of shape (N, 3072), found {x.dtype} {x.shape}')
     return x.reshape(-1, 3, 32, 32)
 
-def load_cifar10(root, allow_download):
+def fetch_cifar10(root, allow_download):
+    # -> the folder of pickled batches, downloaded and extracted first where missing
     folder, tarball = root / 'cifar-10-batches-py', root / 'cifar-10-python.tar.gz'
     if not folder.is_dir():  # an existing folder is used as is: copies of it may have other md5s
         if not tarball.exists():
@@ -99,6 +100,10 @@ def load_cifar10(root, allow_download):
             raise ValueError(f'{tarball}: md5 is {got}, expected {CIFAR_MD5}; the file is corrupt or incomplete, delete it and retry')
         with tarfile.open(tarball) as tar:  # the 'data' filter refuses unsafe members, where Python has it
             tar.extractall(root, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+    return folder
+
+def load_cifar10(root, allow_download):
+    folder = fetch_cifar10(root, allow_download)
     train = np.concatenate([read_cifar_batch(folder / f'data_batch_{i}') for i in range(1, 6)])  # (50000, 3, 32, 32)
     test = read_cifar_batch(folder / 'test_batch')
     # the reference's split: sklearn's train_test_split(test_size=5000, random_state=11172018)
@@ -129,7 +134,8 @@ def binarize(x, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.bernoulli(torch.from_numpy(np.array(x)).float() / 255, generator=g) * 255).to(torch.uint8)
 
-def load_mnist(root, allow_download):
+def fetch_mnist(root, allow_download):
+    # -> the folder holding the IDX files (root/mnist or root itself), downloaded first where missing
     have = lambda d: all((d / f).exists() for f in MNIST_FILES)
     folder = next((d for d in (root / 'mnist', root) if have(d)), root / 'mnist')
     if not have(folder):
@@ -139,6 +145,10 @@ def load_mnist(root, allow_download):
         for f in MNIST_FILES:
             if not (folder / f).exists():
                 fetch(MNIST_URL + f, folder / f)
+    return folder
+
+def load_mnist(root, allow_download):
+    folder = fetch_mnist(root, allow_download)
     train = read_idx(folder / MNIST_FILES[0], 2051)[:, None]  # (60000, 1, 28, 28)
     test = read_idx(folder / MNIST_FILES[1], 2051)[:, None]  # (10000, 1, 28, 28)
     tr, va = holdout(len(train), 42)
@@ -195,7 +205,7 @@ def load_image(path, size):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 class ImageFolder(torch.utils.data.Dataset):
-    # a list of image files; an unreadable one gives None, dropped later by collate()
+    # a list of image files; an unreadable one gives None (replaced in training, dropped in evaluation)
     def __init__(self, files, image_size):
         self.files, self.image_size = [str(f) for f in files], image_size
         self.shape = (len(self.files), 3, image_size, image_size)  # as a tensor split's
@@ -210,7 +220,7 @@ class ImageFolder(torch.utils.data.Dataset):
         except Exception as e:
             if i not in self.reported:
                 self.reported.add(i)
-                print(f'skipping unreadable image {self.files[i]} ({type(e).__name__}: {e})')
+                print(f'unreadable image {self.files[i]} ({type(e).__name__}: {e})')
             return None
 
 def collate(items):
@@ -218,16 +228,40 @@ def collate(items):
     good = [x for x in items if x is not None]
     return (torch.stack(good) if good else None), len(items) - len(good)
 
+def collate_in_place(items):
+    # a training batch at full size: zeros where an image was unreadable, and those places
+    bad = [i for i, x in enumerate(items) if x is None]
+    good = next((x for x in items if x is not None), None)
+    return (torch.stack([torch.zeros_like(good) if x is None else x for x in items]) if good is not None else None), bad
+
 def list_images(folder):
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
-def load_folder(root, size):
+def stored_folder(root, size, files):
+    # the split a checkpoint stored (file names relative to root): images added since are left out,
+    # so test images never move into training
+    splits = {k: [root / f for f in names] for k, names in files.items()}
+    gone = [f for names in splits.values() for f in names if not f.is_file()]
+    if gone:
+        raise FileNotFoundError(f"{len(gone)} images of the checkpoint's train/valid/test split are missing from {root} "
+                                f"(e.g. {gone[0]}): point data_root at the folder the run was trained on")
+    return [ImageFolder(splits[k], size) for k in ('train', 'valid', 'test')]
+
+def load_folder(root, size, folders='', files=None):
+    # files: a stored split (stored_folder); folders: comma-separated sub-folders of root to read,
+    # e.g. FFHQ's images1024x1024 (beside it, thumbnails128x128 holds the same faces again)
     if size is None:
         raise ValueError("the 'folder' dataset needs image_size (the side of the square training images)")
     if not root.is_dir():
         raise FileNotFoundError(f'image folder {root} not found: point data_root at a folder of png/jpg/jpeg/webp images')
+    if files is not None:
+        return stored_folder(root, size, files)
+    missing = [f for f in folders.split(',') if f and not (root / f).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no sub-folder {missing[0]}/ in {root}: --folders names the sub-folders of data_root "
+                                f"to read ('' for all of it)")
     pick = lambda files, idx: [files[i] for i in sorted(idx)]
-    if (root / 'train').is_dir() and (root / 'test').is_dir():
+    if (root / 'train').is_dir() and (root / 'test').is_dir() and not folders:
         train, test = list_images(root / 'train'), list_images(root / 'test')
         if (root / 'valid').is_dir():
             valid = list_images(root / 'valid')
@@ -235,25 +269,40 @@ def load_folder(root, size):
             perm = np.random.RandomState(42).permutation(len(train))
             k = max(1, len(train) // 20)
             train, valid = pick(train, perm[k:]), pick(train, perm[:k])
-    else:  # one folder: 90% train, 5% valid, 5% test (at least one image each)
-        files = list_images(root)
+    else:  # one folder, or the named sub-folders as one: 90% train, 5% valid, 5% test (at least one image each)
+        files = sorted(f for sub in folders.split(',') if sub for f in list_images(root / sub)) if folders else list_images(root)
         perm = np.random.RandomState(42).permutation(len(files))
         k = max(1, len(files) // 20)
         train, valid, test = pick(files, perm[2 * k:]), pick(files, perm[k:2 * k]), pick(files, perm[:k])
     if not (train and valid and test):
         raise FileNotFoundError(f'too few images in {root}: need at least one image each for train, valid and test')
-    train, valid, test = (ImageFolder(f, size) for f in (train, valid, test))
+    return [ImageFolder(f, size) for f in (train, valid, test)]
+
+def folder_moments(train):
     idx = np.random.RandomState(0).permutation(len(train))[:1000]
-    shift, scale = moments(x for x in map(train.__getitem__, idx) if x is not None)
-    return dict(train=train, valid=valid, test=test, shift=shift, scale=scale, binary=False)
+    return moments(x for x in map(train.__getitem__, idx) if x is not None)
 
 # -----------------------------------------------------------------------------
 # the entry point
 
-def load_dataset(name, data_root, image_size=None, download=True):
+def fetch_dataset(name, data_root, download=True):
+    # download and extract what load_dataset would, and nothing else (the datasets that download)
+    if name in ('cifar10', 'mnist'):
+        (fetch_cifar10 if name == 'cifar10' else fetch_mnist)(Path(data_root).expanduser(), download)
+
+def load_dataset(name, data_root, image_size=None, download=True, record=None, folders=''):
     # -> {'train', 'valid', 'test': uint8 (N, C, H, W) or ImageFolder, 'shift', 'scale', 'binary'}
-    # image_size is required for 'folder' and ignored for the fixed-size datasets
+    # image_size is required for 'folder' and ignored for the fixed-size datasets; record: what a
+    # checkpoint stored (dataset_record), whose split and normalisation are then used
     root = Path(data_root).expanduser()
+    if name == 'folder':
+        train, valid, test = load_folder(root, image_size, folders, record['files'] if record else None)
+        shift, scale = (record['shift'], record['scale']) if record else folder_moments(train)
+        return dict(train=train, valid=valid, test=test, shift=shift, scale=scale, binary=False)
+    info = load_fixed(name, root, download)
+    return dict(info, shift=record['shift'], scale=record['scale']) if record else info
+
+def load_fixed(name, root, download):
     if name == 'cifar10':
         train, valid, test = (torch.from_numpy(x) for x in load_cifar10(root, download))
         return dict(train=train, valid=valid, test=test, shift=-120.63838, scale=1 / 64.16736, binary=False)
@@ -264,9 +313,22 @@ def load_dataset(name, data_root, image_size=None, download=True):
         train, valid, test = load_imagenet(root, int(name[8:]))
         shift, scale = moments(train[i:i + 1000] for i in range(0, min(len(train), 50000), 1000))  # train is shuffled
         return dict(train=train, valid=valid, test=test, shift=shift, scale=scale, binary=False)
-    if name == 'folder':
-        return load_folder(root, image_size)
     raise ValueError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
+
+def load_run_dataset(config, record=None, download=False):
+    # the dataset of a run's config; record: its checkpoint's 'dataset' (None for checkpoints older than it)
+    return load_dataset(config['dataset'], config['data_root'], config['image_size'], download, record,
+                        config.get('folders', ''))
+
+def dataset_record(info, data_root):
+    # what a checkpoint keeps of its data: the input normalisation and, for folders, the split as file
+    # names relative to data_root, so that a resumed run, evaluate.py and sample.py see the same ones
+    # whatever was added to the folder since
+    record = dict(shift=float(info['shift']), scale=float(info['scale']))
+    if isinstance(info['train'], ImageFolder):
+        root = Path(data_root).expanduser()
+        record['files'] = {k: [os.path.relpath(f, root) for f in info[k].files] for k in ('train', 'valid', 'test')}
+    return record
 
 def prepare(batch, info, bits=8, pad=0):
     # uint8 (B, C, H, W) -> (x_in, target), both float32 (B, C, H + 2 pad, W + 2 pad) on the batch's device
@@ -335,11 +397,11 @@ class Batches:
         self.epoch, self.index = epoch, index
 
 class FolderBatches(Batches):
-    # the same stream over an ImageFolder, decoded by DataLoader workers; unreadable files are dropped
+    # the same stream over an ImageFolder, decoded by DataLoader workers; unreadable files are replaced
     def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, num_workers=2, device='cpu'):
         super().__init__(dataset, batch_size, seed, rank, world_size)
         self.num_workers, self.device = num_workers, torch.device(device)
-        self.skipped = 0  # unreadable files met so far
+        self.skipped = 0  # unreadable files replaced so far
         self.loader = None
 
     def batch_indices(self):
@@ -352,16 +414,33 @@ class FolderBatches(Batches):
             epoch, index = epoch + 1, 0
 
     def next(self):
-        while True:
-            if self.loader is None:
-                self.loader = iter(torch.utils.data.DataLoader(
-                    self.images, batch_sampler=self.batch_indices(), num_workers=self.num_workers,
-                    collate_fn=collate, pin_memory=self.device.type == 'cuda'))
-            x, skipped = next(self.loader)
-            self.skipped += skipped
-            self.advance()
-            if x is not None:  # None: every file of the batch was unreadable
-                return x.to(self.device, non_blocking=True)
+        if self.loader is None:
+            self.loader = iter(torch.utils.data.DataLoader(
+                self.images, batch_sampler=self.batch_indices(), num_workers=self.num_workers,
+                collate_fn=collate_in_place, pin_memory=self.device.type == 'cuda'))
+        x, bad = next(self.loader)
+        if bad:
+            x = self.replace(x, bad)
+        self.skipped += len(bad)
+        self.advance()
+        return x.to(self.device, non_blocking=True)
+
+    def replace(self, x, bad):
+        # an unreadable image gives its place to the next readable one of this rank's shard (in the
+        # epoch's order, wrapping round): no batch shrinks, so shapes (no recompile under --compile)
+        # and data positions stay the same on every rank
+        shard = self.shard(self.epoch).tolist()
+        start = self.index * self.batch_size
+        rows = list(x) if x is not None else [None] * len(bad)
+        for pos in bad:
+            for k in range(1, len(shard)):
+                image = self.images[shard[(start + pos + k) % len(shard)]]
+                if image is not None:
+                    break
+            else:
+                raise ValueError(f'no readable image among the {len(shard)} files of this rank\'s share of the epoch')
+            rows[pos] = image
+        return torch.stack(rows)
 
     def load_state_dict(self, state):
         super().load_state_dict(state)

@@ -23,7 +23,7 @@ import torch
 
 import data
 import figures
-from model import load_checkpoint, model_from_checkpoint
+from model import latent_shapes, load_checkpoint, model_from_checkpoint, model_inputs
 
 ACTIVE_SHARE = 0.01   # a layer is active when its KL is at least 1% of the rate
 
@@ -62,8 +62,7 @@ def active_layers(kl, share=ACTIVE_SHARE):
 def layer_noise(vae, n, generator):
     """One N(0, I) draw per layer for n images: list of (n, z, r, r)."""
     device = generator.device
-    return [torch.randn(n, vae.config['zdim'], l.res, l.res, generator=generator, device=device)
-            for l in vae.decoder.layers]
+    return [torch.randn(n, *shape, generator=generator, device=device) for shape in latent_shapes(vae)]
 
 
 @torch.no_grad()
@@ -139,7 +138,7 @@ def evaluate(vae, split, info, config, device, max_batches=0, iw=0, iw_chunk=1):
         for i, batch in enumerate(data.eval_batches(split, batch_size, device)):
             if max_batches and i >= max_batches:
                 break
-            x, target = data.prepare(batch, info, config['bits'], config['pad'])
+            x, target = model_inputs(*data.prepare(batch, info, config['bits'], config['pad']), config)
             out = vae(x, target)
             nelbo.append(out['distortion'] + out['rate'])
             kl.append(out['kl'])
@@ -190,7 +189,7 @@ def main(argv=None):
     config.update({k: v for k, v in (('data_root', args.data_root), ('batch_size', args.batch_size)) if v})
     chunk = args.iw_chunk or max(1, min(args.iw, 128 // config['batch_size']))
     vae = model_from_checkpoint(ckpt, args.weights).to(args.device).float()
-    info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], False)
+    info = data.load_run_dataset(config, ckpt.get('dataset'))   # the run's split and normalisation
     nelbo, kl, nll = evaluate(vae, info[args.split], info, config, torch.device(args.device),
                               args.max_batches, args.iw, chunk)
     dims = config['image_channels'] * (config['image_size'] - 2 * config['pad']) ** 2

@@ -4,11 +4,13 @@ diagonal Gaussians parameterised by (mean, log-sigma), and the two likelihoods (
 mixture of logistics for colour images, Bernoulli for binary ones).
 Facts: ../shared/DESIGN.md sections 1.2, 1.4 and 1.5.
 """
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -226,3 +228,183 @@ def bernoulli_nll(logits, target):
 
 def bernoulli_sample(logits):
     return torch.bernoulli(torch.sigmoid(logits)) * 2 - 1  # on the [-1, 1] scale like dmol_sample
+
+
+# -----------------------------------------------------------------------------
+# the NVAE-style residual towers of the official attentive VAE (ifiaposto/Deep_Attentive_VI,
+# src/layers/resnet.py and weight_norm.py; ../shared/ATTENTIVE.md section 1). NCHW inside.
+
+def deep_vae_init_(t, fan_in):
+    """official: layers/util.py DeepVaeInit, variance scaling 0.33, fan_in, uniform:
+    U(-sqrt(0.99 / fan_in), +sqrt(0.99 / fan_in))."""
+    bound = math.sqrt(3 * 0.33 / fan_in)
+    with torch.no_grad():
+        return t.uniform_(-bound, bound)
+
+
+def tf_same_pad(x, k, stride):
+    """TensorFlow's 'same' padding: total max((ceil(n / s) - 1) s + k - n, 0) per axis, the smaller
+    half before. With stride 2, k = 3 and an even size that is 0 before and 1 after (PyTorch's
+    padding=1 would pad both sides and sample other positions)."""
+    pads = []
+    for n in (x.shape[-1], x.shape[-2]):                        # F.pad wants the last axis first
+        total = max((-(-n // stride) - 1) * stride + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class WNConv2d(nn.Module):
+    """official: layers/weight_norm.py WeightNorm around a Keras Conv2D. Direction v
+    (C_out, C_in, k, k), log-gain log_g (C_out,) and bias; effective kernel v / ||v|| exp(log_g),
+    the norm per output channel over (C_in, k, k), as tf.nn.l2_normalize (sum v^2 floored at 1e-12)."""
+
+    def __init__(self, c_in, c_out, k=1, stride=1, bias=True, padding='same'):
+        super().__init__()
+        self.k, self.stride, self.padding = k, stride, padding
+        self.v = nn.Parameter(deep_vae_init_(torch.empty(c_out, c_in, k, k), c_in * k * k))
+        # official oddity: log_g is created as log(||v|| + 0.01), then overwritten at the first call
+        # (WeightNorm._init_norm) by log(||v||) + 0.01, so the starting kernel is v * e^0.01
+        self.log_g = nn.Parameter(torch.log(self.v.detach().flatten(1).norm(dim=1)) + 0.01)
+        self.bias = nn.Parameter(deep_vae_init_(torch.empty(c_out), c_out)) if bias else None  # Keras: a bias' fan_in is its length
+
+    def kernel(self):
+        norm2 = (self.v ** 2).sum((1, 2, 3), keepdim=True).clamp(min=1e-12)
+        return self.v * torch.rsqrt(norm2) * torch.exp(self.log_g).view(-1, 1, 1, 1)
+
+    def forward(self, x):
+        if self.padding == 'same':
+            x = tf_same_pad(x, self.k, self.stride)
+        return F.conv2d(x, self.kernel(), self.bias, self.stride)
+
+
+def swish(x):
+    return x * torch.sigmoid(x)   # tf.nn.swish
+
+
+class Node(nn.Module):
+    """official: layers/resnet.py Conv2D inside a tower: conv(swish(NL(BN(x)))), NL the non-local
+    block where the tower has one. With `upsample` the input is first nearest-upsampled x2
+    (official: resize_nearest_neighbor, align_corners False), before the batch norm."""
+
+    def __init__(self, c_in, c_out, stride=1, nonlocal_block=None, upsample=False, k=3):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c_in, eps=1e-5, momentum=0.1)   # Keras momentum 0.9 == PyTorch 0.1
+        self.nonlocal_block = nonlocal_block
+        self.conv = WNConv2d(c_in, c_out, k, stride)
+        self.upsample = upsample
+
+    def forward(self, x):
+        if self.upsample:
+            x = upsample(x, 2 * x.shape[-1])
+        x = self.bn(x)
+        if self.nonlocal_block is not None:
+            x = self.nonlocal_block(x)
+        return self.conv(swish(x))
+
+
+class FactorizedReduce(nn.Module):
+    """official: layers/resnet.py FactorizedReduce, the shortcut of a downsampling block: swish, then
+    four 1x1 stride-2 'valid' convs on x, x[1:, 1:], x[:, 1:], x[1:, :] (rows, columns),
+    C_out // 4 channels each but the last, which takes the rest; concatenated in that order."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        widths = [c_out // 4] * 3 + [c_out - 3 * (c_out // 4)]
+        self.convs = nn.ModuleList([WNConv2d(c_in, w, 1, 2, padding='valid') for w in widths])
+
+    def forward(self, x):
+        x = swish(x)
+        views = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
+        return torch.cat([conv(v) for conv, v in zip(self.convs, views)], 1)
+
+
+class UpShortcut(nn.Module):
+    """official: the shortcut of an upsampling block: bilinear x2 with align_corners True
+    (resize_bilinear), then a 1x1 conv without bias and without activation (C -> C/2); a
+    non-local block before that conv where the tower has them (official oddity: its convs inherit
+    the shortcut's use_bias False)."""
+
+    def __init__(self, c_in, c_out, nonlocal_block=None):
+        super().__init__()
+        self.nonlocal_block = nonlocal_block
+        self.conv = WNConv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
+        if self.nonlocal_block is not None:
+            x = self.nonlocal_block(x)
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """official: layers/resnet.py ResNetBlock: shortcut(x) + 0.1 * f(x), f = `num_nodes` nodes.
+    scale 0 keeps the width (identity shortcut); -2 halves the resolution and doubles the width
+    (stride-2 first node, FactorizedReduce shortcut); +2 doubles the resolution and halves the
+    width (upsampling first node, bilinear shortcut). `nonlocal_block(c)` makes one block for a
+    node (or shortcut) of input width c, or None."""
+
+    def __init__(self, c, scale, num_nodes=2, nonlocal_block=lambda c, bias=True: None):
+        super().__init__()
+        c_out = {0: c, -2: 2 * c, 2: c // 2}[scale]
+        self.shortcut = {0: lambda: nn.Identity(), -2: lambda: FactorizedReduce(c, c_out),
+                         2: lambda: UpShortcut(c, c_out, nonlocal_block(c, bias=False))}[scale]()
+        nodes = [Node(c, c_out, 2 if scale < 0 else 1, nonlocal_block(c), upsample=scale > 0)]
+        nodes += [Node(c_out, c_out, 1, nonlocal_block(c_out)) for _ in range(num_nodes - 1)]
+        self.nodes = nn.ModuleList(nodes)
+        self.c_out = c_out
+
+    def forward(self, x):
+        h = x
+        for node in self.nodes:
+            h = node(h)
+        return self.shortcut(x) + 0.1 * h
+
+
+class Tower(nn.Module):
+    """official: layers/resnet.py ResNet: an optional stem (3x3 conv to `stem` channels, no
+    activation), then one ResBlock per entry of `scales`. (B, c, H, W) -> (B, c_out, H', W')."""
+
+    def __init__(self, c, scales, num_nodes=2, nonlocal_block=lambda c, bias=True: None, stem=None):
+        super().__init__()
+        self.stem = WNConv2d(c, stem, 3) if stem else None
+        c = stem or c
+        blocks = []
+        for s in scales:
+            blocks.append(ResBlock(c, s, num_nodes, nonlocal_block))
+            c = blocks[-1].c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.c_out = c
+
+    grad_checkpoint = False   # --grad_checkpoint: recompute the tower in the backward pass
+
+    def forward(self, x):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            calls = []
+
+            def tower(x):   # the recompute in the backward pass must not move the batch-norm statistics again
+                calls.append(x)
+                with frozen_batch_norm_statistics(self) if len(calls) > 1 else contextlib.nullcontext():
+                    return self.run(x)
+            return checkpoint(tower, x, use_reentrant=False)
+        return self.run(x)
+
+    def run(self, x):
+        if self.stem is not None:
+            x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_statistics(module):
+    """Batch norms inside run as in training, then get their moving statistics (and counters)
+    back as they were: a recomputed forward leaves no trace."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)

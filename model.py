@@ -14,6 +14,7 @@ import re
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
 from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
@@ -22,7 +23,7 @@ from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussia
 # hyperparameters a config may leave out (names as in the reference code)
 DEFAULTS = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3,
                 no_bias_above=64, bits=8, likelihood='dmol', pad=0, post_upsample=1,
-                key_width=20, nonlocal_res='', nonlocal_width=32)
+                key_width=20, nonlocal_res='', nonlocal_width=32, custom_width='')
 REQUIRED = ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size')
 
 
@@ -75,6 +76,20 @@ def check_layouts(config):
                          f"not the image size {size}")
 
 
+def widths(config):
+    """Channels at resolution r: `width`, unless `custom_width` ('512:32,256:64,...', the reference's
+    custom_width_str) names r. -> function of r."""
+    named = {}
+    for item in filter(None, str(config['custom_width']).replace(' ', '').split(',')):
+        m = re.fullmatch(r'(\d+):(\d+)', item)
+        if m is None or int(m[2]) < 1:
+            raise ValueError(f"custom_width '{config['custom_width']}': '{item}' is not resolution:width")
+        named[int(m[1])] = int(m[2])
+    if named and config['model'] != 'vdvae':
+        raise ValueError('custom_width is a very deep VAE option (the attentive variant has one width)')
+    return lambda r: named.get(r, config['width'])
+
+
 def scale_depth(dec_blocks, depth):
     """Rebuild a decoder layout with `depth` stochastic layers: one at each resolution, the rest
     spread in the layout's proportions (largest remainder), same resolutions and mixins."""
@@ -97,6 +112,14 @@ def scale_depth(dec_blocks, depth):
     return ','.join(tokens)
 
 
+def run(module, *args, recompute=False):
+    """module(*args); with `recompute` (--grad_checkpoint) its activations are not kept for the
+    backward pass but recomputed there (same numbers, same random draws, less memory)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
 # -----------------------------------------------------------------------------
 # encoder (DESIGN.md 1.3)
 
@@ -113,12 +136,13 @@ def key_width(config):
 class Encoder(nn.Module):
     def __init__(self, config):
         super().__init__()
-        w, blocks = config['width'], parse_layout(config['enc_blocks'], 'enc')
+        w, blocks, W = config['width'], parse_layout(config['enc_blocks'], 'enc'), widths(config)
         mid, d = int(w * config['bottleneck_multiple']), key_width(config)
-        self.width = w
-        self.stem = conv(config['image_channels'], w + d, 3)
-        self.blocks = nn.ModuleList([Block(w, mid, w + d, r, down=down, scale=math.sqrt(1 / len(blocks)),
-                                           mixer=nonlocal_block(config, r, mid)) for r, down in blocks])
+        self.width, self.widths, self.grad_checkpoint = w, W, False
+        self.stem = conv(config['image_channels'], w + d, 3)   # as the reference: `width`, whatever custom_width says
+        self.blocks = nn.ModuleList([Block(W(r), int(W(r) * config['bottleneck_multiple']), W(r) + d, r, down=down,
+                                           scale=math.sqrt(1 / len(blocks)), mixer=nonlocal_block(config, r, mid))
+                                     for r, down in blocks])
 
     def forward(self, x):
         """x: (B, C, H, W) normalised image -> {resolution: [every feature there, data -> top]},
@@ -127,7 +151,9 @@ class Encoder(nn.Module):
         x = self.stem(x)
         feats = {x.shape[-1]: [x]}
         for block in self.blocks:
-            x = block(x[:, :self.width])
+            x = run(block, x[:, :self.widths(x.shape[-1])], recompute=self.grad_checkpoint)
+            if x.shape[1] < self.widths(x.shape[-1]):   # into a wider resolution: zero channels (reference pad_channels)
+                x = nn.functional.pad(x, (0, 0, 0, 0, 0, self.widths(x.shape[-1]) - x.shape[1]))
             feats.setdefault(x.shape[-1], []).append(x)
         return feats
 
@@ -140,7 +166,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config, res, mixin, n_layers, pair=0, index=0):
         super().__init__()
-        w, z, d = config['width'], config['zdim'], key_width(config)
+        w, z, d = widths(config)(res), config['zdim'], key_width(config)
         mid = int(w * config['bottleneck_multiple'])
         self.res, self.mixin, self.zdim, self.width, self.pair = res, mixin, z, w, pair
         self.key_width = d
@@ -234,7 +260,7 @@ class Decoder(nn.Module):
         super().__init__()
         w, layout = config['width'], parse_layout(config['dec_blocks'], 'dec')
         self.width, self.out_res = w, layout[-1][0]
-        self.attentive = config['model'] == 'attentive'
+        self.attentive, self.grad_checkpoint = config['model'] == 'attentive', False
         # the attentive layer i at resolution r reads encoder feature m - 1 - i there (top layers read
         # the deepest features) and attends over the features closer to the data
         counts, seen = feature_counts(config), {}
@@ -246,7 +272,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         # learned starting state per resolution (zeros above no_bias_above)
         resolutions = sorted({r for r, _ in layout})
-        self.state = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, w, r, r))
+        self.state = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, widths(config)(r), r, r))
                                        for r in resolutions if r <= config['no_bias_above']})
         if self.attentive:
             d, r0 = config['key_width'], layout[0][0]
@@ -267,9 +293,9 @@ class Decoder(nn.Module):
         """The state at the layer's resolution, plus the nearest-upsampled coarser state for `RmM`."""
         x = xs.get(layer.res)
         if x is None:
-            x = like.new_zeros(n, self.width, layer.res, layer.res)
-        if layer.mixin is not None:
-            x = x + upsample(xs[layer.mixin], layer.res)
+            x = like.new_zeros(n, layer.width, layer.res, layer.res)
+        if layer.mixin is not None:   # a wider coarse state gives its first channels (as the reference)
+            x = x + upsample(xs[layer.mixin][:, :layer.width], layer.res)
         return x
 
     def start(self, n):
@@ -306,8 +332,8 @@ class Decoder(nn.Module):
         for i, (layer, closer) in enumerate(zip(self.layers, self.closer_features(feats))):
             x = self.layer_input(xs, layer, n, feats[layer.res][0])
             given = latents[i] if latents is not None and i < len(latents) else None
-            xs[layer.res], carry, z, kl = layer(x, feats, carry, closer, eps[i] if eps is not None else None,
-                                                given, attend, sampled_kl)
+            xs[layer.res], carry, z, kl = run(layer, x, feats, carry, closer, eps[i] if eps is not None else None,
+                                              given, attend, sampled_kl, recompute=self.grad_checkpoint)
             zs.append(z)
             kls.append(kl)
         return self.output(xs[self.out_res]), zs, kls
@@ -341,6 +367,14 @@ class VAE(nn.Module):
         check_layouts(self.config)
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
+
+    def set_grad_checkpoint(self, on=True):
+        """Recompute each encoder block and decoder layer in the backward pass (torch.utils.checkpoint)."""
+        if on and self.config['model'] == 'attentive':
+            raise ValueError('--grad_checkpoint is not supported by this attentive variant: its depth memory '
+                             'is filled inside the layers and would be filled twice when they are recomputed')
+        self.encoder.grad_checkpoint = self.decoder.grad_checkpoint = on
+        return self
 
     def crop(self, t):
         """Drop the padding (e.g. MNIST 28 -> 32) before the likelihood."""
@@ -440,6 +474,41 @@ def load_official_vdvae(vae, state_dict):
 
 
 # -----------------------------------------------------------------------------
+# the official attentive VAE and its NVAE baseline live in nvae.py (their own modules); the config
+# key model='nvae' names them
+
+from nvae import NVAE, official_attentive_config, load_official_attentive  # noqa: E402,F401
+
+
+def build(config):
+    """The network a config names: model 'nvae' -> nvae.NVAE, else the very deep VAE (or the
+    bottleneck attentive variant) -> VAE."""
+    return NVAE(config) if config.get('model') == 'nvae' else VAE(config)
+
+
+def n_layers(vae):
+    """The number of stochastic layers of either network."""
+    return len(vae.layers) if isinstance(vae, NVAE) else len(vae.decoder.layers)
+
+
+def latent_shapes(vae):
+    """(z, r, r) of every stochastic layer of either network, top first."""
+    if isinstance(vae, NVAE):
+        h = vae.config['image_size'] // 2 ** sum(s < 0 for s in vae.config['preproc_scales'])
+        return [(vae.config['zdim'], h, h)] * len(vae.layers)
+    return [(vae.config['zdim'], l.res, l.res) for l in vae.decoder.layers]
+
+
+def model_inputs(x, target, config):
+    """(encoder input, target) as the network reads them, from data.prepare's pair: the official
+    attentive VAE takes its likelihood target 2 x / 255 - 1 (binary images: 2 x - 1) as encoder
+    input (ATTENTIVE.md 3.1); the very deep VAE its own normalisation."""
+    if config.get('model') != 'nvae':
+        return x, target
+    return (2 * target - 1 if config['likelihood'] == 'bernoulli' else target), target
+
+
+# -----------------------------------------------------------------------------
 # checkpoints: a plain dict of tensors and values (written by train.py), readable with weights_only
 
 CHECKPOINT_FORMAT = 1
@@ -460,7 +529,7 @@ def load_checkpoint(path, map_location='cpu'):
         raise ValueError(f"{path} has checkpoint format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}")
     try:
         with torch.device('meta'):   # shapes only, no memory
-            expected = {k: v.shape for k, v in VAE(ckpt['config']).state_dict().items()}
+            expected = {k: v.shape for k, v in build(ckpt['config']).state_dict().items()}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f'{path}: its config does not build a model ({e})') from None
     got = {k: v.shape for k, v in ckpt['model'].items()}
@@ -472,6 +541,6 @@ def load_checkpoint(path, map_location='cpu'):
 
 def model_from_checkpoint(ckpt, weights='ema'):
     """Rebuild the network from the checkpoint's own config and load its EMA (or raw) weights."""
-    vae = VAE(ckpt['config'])
+    vae = build(ckpt['config'])
     vae.load_state_dict(ckpt[weights] if ckpt.get(weights) is not None else ckpt['model'])
     return vae

@@ -18,7 +18,7 @@ from PIL import Image
 
 import data
 import figures
-from model import load_checkpoint, model_from_checkpoint
+from model import load_checkpoint, model_from_checkpoint, model_inputs, n_layers
 
 
 def grid(rows, pad=2):
@@ -40,13 +40,22 @@ def save_png(rows, path, scale=1):
     image.save(path)
 
 
-def reconstructions(vae, config, k, n, device, temperature):
+def reconstructions(vae, info, config, k, n, device, temperature):
     """Row 1: test images; row 2: first k layers from their posterior, the rest from the prior."""
-    info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], False)
     images = next(iter(data.eval_batches(info['test'], n, device)))
-    x, _ = data.prepare(images, info, config['bits'], config['pad'])
+    x, _ = model_inputs(*data.prepare(images, info, config['bits'], config['pad']), config)
     latents = vae.posterior_latents(x)[:k]
     return [images, vae.sample(len(images), temperature, latents=latents)]
+
+
+def test_image(info, i, device):
+    """Test image i as uint8 (1, C, H, W), from a tensor split or an image folder."""
+    if not 0 <= i < len(info['test']):
+        raise ValueError(f"--image_index must be in 0..{len(info['test']) - 1}")
+    image = info['test'][i]
+    if image is None:
+        raise ValueError(f"test image {i} ({info['test'].files[i]}) is unreadable: choose another --image_index")
+    return image[None].to(device)
 
 
 def layers_figure(vae, info, config, image, ks, n, temperature):
@@ -54,7 +63,7 @@ def layers_figure(vae, info, config, image, ks, n, temperature):
     n samples that share the latents of its posterior in the first k layers (one posterior draw,
     the same in every row) and draw the rest from the prior at `temperature`.
     -> rows of uint8 (1 + n, C, H, W), row labels."""
-    x, _ = data.prepare(image, info, config['bits'], config['pad'])
+    x, _ = model_inputs(*data.prepare(image, info, config['bits'], config['pad']), config)
     latents = vae.posterior_latents(x)                                  # list of (1, z, r, r)
     rows = []
     for k in ks:
@@ -103,20 +112,19 @@ def main(argv=None):
     ckpt = load_checkpoint(args.checkpoint, map_location=args.device)
     config = {**ckpt['config'], **({'data_root': args.data_root} if args.data_root else {})}
     vae = model_from_checkpoint(ckpt, args.weights).to(args.device).eval()
+    if args.recon_layers is not None or args.layers_figure:   # the run's split and normalisation
+        info = data.load_run_dataset(config, ckpt.get('dataset'))
     torch.manual_seed(args.seed)
     if args.recon_layers is not None:
-        if not 0 <= args.recon_layers <= len(vae.decoder.layers):
-            raise ValueError(f'--recon_layers must be in 0..{len(vae.decoder.layers)}')
-        rows = reconstructions(vae, config, args.recon_layers, args.n, args.device, temperature[0])
+        if not 0 <= args.recon_layers <= n_layers(vae):
+            raise ValueError(f'--recon_layers must be in 0..{n_layers(vae)}')
+        rows = reconstructions(vae, info, config, args.recon_layers, args.n, args.device, temperature[0])
     elif args.layers_figure:
-        L = len(vae.decoder.layers)
+        L = n_layers(vae)
         ks = args.layers or default_ks(L)
         if not all(0 <= k <= L for k in ks):
             raise ValueError(f'--layers must be in 0..{L}, got {ks}')
-        info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], False)
-        if not 0 <= args.image_index < len(info['test']):
-            raise ValueError(f"--image_index must be in 0..{len(info['test']) - 1}")
-        image = info['test'][args.image_index:args.image_index + 1].to(args.device)
+        image = test_image(info, args.image_index, args.device)
         rows, labels = layers_figure(vae, info, config, image, ks, args.n, temperature[0])
         title = f'Each row: the first k of {L} layers from the test image\'s posterior'
         subtitle = (f"the rest from the prior at temperature {temperature[0]:g}; {args.checkpoint}, "

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import VAE, MODEL_KEYS, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
+import nvae
+from model import VAE, MODEL_KEYS, build, n_layers, model_inputs, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
 
 CIFAR10 = dict(enc_blocks='32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3',
                dec_blocks='1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21')
@@ -46,15 +47,17 @@ PRESETS = {
     'ffhq256': dict(dataset='folder', image_size=256, bits=5, width=512, zdim=16, num_mixtures=10,
                     enc_blocks='256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                     dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128',
-                    lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999),
-    # layouts from the reference's hps (70 stochastic layers); the reference narrows the 512 and
-    # 1024 resolutions, hvae keeps one width everywhere (see README)
-    'ffhq1024': dict(dataset='folder', image_size=1024, width=512, zdim=16, num_mixtures=2,
+                    lr=1.5e-4, batch_size=1, grad_clip=130, skip_threshold=180, ema_rate=0.999,
+                    folders='images1024x1024'),   # FFHQ's download: not its thumbnails128x128/ beside it
+    # the reference's hps (70 stochastic layers): 16 channels at 1024, 32 at 512, 64 at 256, 512 below
+    'ffhq1024': dict(dataset='folder', image_size=1024, width=16, zdim=16, num_mixtures=2,
+                     custom_width='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512',
                      enc_blocks='1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,'
                                 '16x7,16d2,8x5,8d2,4x5,4d4,1x4',
                      dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,'
                                 '256m128,256x2,512m256,1024m512',
-                     lr=7e-5, batch_size=1, grad_clip=360, skip_threshold=500, ema_rate=0.999),
+                     lr=7e-5, batch_size=1, grad_clip=360, skip_threshold=500, ema_rate=0.999,
+                     folders='images1024x1024'),
     # binary MNIST, padded 28 -> 32, Bernoulli likelihood (as the attentive VAE paper)
     'mnist': dict(dataset='mnist', image_size=32, image_channels=1, likelihood='bernoulli', pad=2,
                   width=64, zdim=16, enc_blocks='32x1,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
@@ -76,30 +79,60 @@ ATTENTIVE = dict(model='attentive', image_size=32, width=256, zdim=20, key_width
                  adam_eps=1e-3, weight_decay=1.5e-4, lr_start=1e-4, warmup_epochs=5.0,
                  lr_schedule='cosine', lr_min=1e-4, epochs=400.0, kl_weight_start=0.1,
                  kl_warmup_epochs=16.0, batch_size=40, grad_clip=0.0, skip_threshold=0.0, ema_rate=0.999)
-PRESETS['attentive_cifar10'] = dict(ATTENTIVE, dataset='cifar10', num_mixtures=5, flip='hv')
+PRESETS['attentive_bottleneck_cifar10'] = dict(ATTENTIVE, dataset='cifar10', num_mixtures=5, flip='hv')
 # binary MNIST with the attentive layout at width 128 (hvae's choice: DESIGN.md records no MNIST layout)
 PRESETS['attentive_mnist'] = dict(ATTENTIVE, dataset='mnist', width=128, image_channels=1,
                                   likelihood='bernoulli', pad=2)
 # the `cpu` layout and recipe with depth-wise attention and non-local blocks at 16x16
 PRESETS['attentive_cpu'] = dict(PRESETS['cpu'], model='attentive', key_width=16, nonlocal_res='16',
                                 nonlocal_width=16)
+# the official attentive VAE (nvae.py; ATTENTIVE.md 7 and 11): the official README's 16-layer
+# CIFAR-10 command. Loss in nats per image plus the Keras L2 penalty, Keras Adamax (epsilon outside
+# the max), per-epoch cosine schedule after a 5-epoch warm-up from 1e-4 with 312 schedule steps per
+# epoch (official oddity: int(50000 / (4 x 40)), 8.13), KL weight 0.1 -> 1 per epoch over 16 epochs,
+# horizontal and vertical flips, no clipping, no skipping, no EMA (ema_rate 0: the EMA model is a
+# copy of the weights and their batch-norm statistics)
+OFFICIAL = dict(dataset='cifar10', optimizer='keras_adamax', lr=1e-2, adam_beta1=0.9, adam_beta2=0.999,
+                adam_eps=1e-3, weight_decay=0.0, lr_start=1e-4, warmup_epochs=5.0, lr_schedule='cosine_warmup',
+                lr_min=1e-4, epochs=400.0, schedule_steps_per_epoch=312, kl_weight_start=0.1,
+                kl_warmup_epochs=16.0, kl_per_epoch=True, loss_per_image=True, batch_size=40, grad_clip=0.0,
+                skip_threshold=0.0, ema_rate=0.0, flip='hv')
+PRESETS['attentive_cifar10'] = {**OFFICIAL, **nvae.DEFAULTS}
+# the 900-epoch run: warm-up, then cosine periods of 300 and 600 epochs (CosineRestartWarmup)
+PRESETS['attentive_cifar10_900'] = dict(PRESETS['attentive_cifar10'], lr_schedule='cosine_restart_warmup',
+                                        lr_first_decay_epochs=300.0, epochs=900.0)
+PRESETS['nvae_cifar10'] = {**OFFICIAL, **nvae.BASELINE}
+# the official architecture at CPU size (4 layers of 8 channels, towers of one block, 16/12 filters)
+# and its baseline twin: the official loss and optimiser, a step-based warm-up, constant lr
+SMALL_NVAE = dict(num_layers=4, zdim=8, preproc_filters=16, dec_filters=12, enc_tower_blocks=1, dec_tower_blocks=1,
+                  nonlocal_width=8, enc_key=8, dec_key=8)
+SMALL_RECIPE = dict(OFFICIAL, lr=2e-3, lr_start=0.0, warmup_epochs=0.0, warmup_steps=20, lr_schedule='constant',
+                    kl_weight_start=1.0, kl_warmup_epochs=0.0, batch_size=16, eval_every=0, eval_batches=16)
+PRESETS['attentive_small'] = {**SMALL_RECIPE, **nvae.DEFAULTS, **SMALL_NVAE}
+PRESETS['nvae_small'] = {**SMALL_RECIPE, **nvae.BASELINE, **SMALL_NVAE, 'enc_key': 0, 'dec_key': 0}
 DATASET_PRESET = {'cifar10': 'attentive_cifar10', 'mnist': 'attentive_mnist', 'imagenet32': 'imagenet32',
                   'imagenet64': 'imagenet64', 'folder': 'ffhq256'}
 # what every preset shares unless it says otherwise
 BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3, no_bias_above=64, bits=8,
-            likelihood='dmol', pad=0, data_root='data', download=True, warmup_steps=100,
-            key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1,
+            likelihood='dmol', pad=0, data_root='data', folders='', download=True, warmup_steps=100,
+            key_width=20, nonlocal_res='', nonlocal_width=32, post_upsample=1, custom_width='',
             optimizer='adamw', weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8,
             lr_start=0.0, warmup_epochs=0.0, lr_schedule='constant', lr_min=0.0, epochs=0.0,
             kl_weight_start=1.0, kl_warmup_epochs=0.0, flip='', ema_warmup=True,
             max_steps=10**9, max_minutes=0.0, max_skips_in_row=100, seed=0, log_every=50,
             eval_every=5000, eval_batches=0, save_every=0, save_every_minutes=30.0, keep=2, out_dir='out',
-            dtype='fp32', compile=False, channels_last=False)
+            dtype='fp32', compile=False, channels_last=False, grad_checkpoint=False, tf32=True, deterministic=False,
+            schedule_steps_per_epoch=0, lr_first_decay_epochs=0.0, kl_per_epoch=False, loss_per_image=False,
+            sync_bn=False)
 # flags that only steer this run: a resumed run may change them, the rest must match
 # (batch_size is per process: a run resumed on another number of processes may change it)
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
             'eval_every', 'eval_batches', 'save_every', 'save_every_minutes', 'keep', 'out_dir',
-            'batch_size', 'dtype', 'compile', 'channels_last')
+            'batch_size', 'dtype', 'compile', 'channels_last', 'grad_checkpoint', 'tf32', 'deterministic')
+# the recipe's knobs that do not shape the network: a resumed run may change them too (the way out
+# of a run that stopped on skipped updates), and says what changed
+RECIPE_KEYS = ('lr', 'lr_start', 'warmup_steps', 'warmup_epochs', 'grad_clip', 'skip_threshold', 'ema_rate',
+               'kl_weight_start', 'kl_warmup_epochs')
 
 
 def parse_args(argv=None):
@@ -112,17 +145,26 @@ def parse_args(argv=None):
     p.add_argument('--no_download', dest='download', action='store_const', const=False)
     p.add_argument('--no_ema_warmup', dest='ema_warmup', action='store_const', const=False)
     p.add_argument('--dataset', choices=data.DATASETS)
-    p.add_argument('--model', choices=('vdvae', 'attentive'), help='overrides the preset\'s model')
-    p.add_argument('--optimizer', choices=('adamw', 'adamax'))
-    p.add_argument('--lr_schedule', choices=('constant', 'cosine'))
+    p.add_argument('--model', choices=('vdvae', 'attentive', 'nvae'), help='overrides the preset\'s model')
+    p.add_argument('--optimizer', choices=('adamw', 'adamax', 'keras_adamax'))
+    p.add_argument('--lr_schedule', choices=('constant', 'cosine', 'cosine_warmup', 'cosine_restart_warmup'))
+    p.add_argument('--sync_bn', action='store_const', const=True, help='SyncBatchNorm under torchrun (default: per-process statistics, as the official per-replica ones)')
     p.add_argument('--flip', choices=('', 'h', 'hv'), help='random flips of training images')
-    p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), help='autocast dtype of the network (default fp32)')
+    p.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'),
+                   help='autocast dtype of the network (default fp32: TF32 convolutions on Ampere and later GPUs)')
+    p.add_argument('--no_tf32', dest='tf32', action='store_const', const=False,
+                   help='full fp32 convolutions and matmuls on GPUs that would use TF32')
+    p.add_argument('--deterministic', action='store_const', const=True,
+                   help='deterministic CUDA kernels, for bit-for-bit resume on GPUs (slower)')
     p.add_argument('--compile', action='store_const', const=True, help='torch.compile the model')
     p.add_argument('--channels_last', action='store_const', const=True, help='channels-last memory format')
+    p.add_argument('--grad_checkpoint', action='store_const', const=True,
+                   help='recompute each layer in the backward pass instead of keeping its activations')
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
-                       'channels_last'):
+                       'channels_last', 'grad_checkpoint', 'tf32', 'deterministic', 'sync_bn', 'kl_per_epoch',
+                       'loss_per_image'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
@@ -140,13 +182,20 @@ def make_config(args):
     if args.depth is not None:
         if args.depth < 1:
             raise ValueError(f'--depth must be at least 1, not {args.depth}')
+        if config['model'] == 'nvae':
+            config['num_layers'] = args.depth
+            return check_config(config)
         config['dec_blocks'] = scale_depth(config['dec_blocks'], args.depth)
         single = re.fullmatch(r'(\d+)(x\d+)?(,\1x\d+)?', config['dec_blocks'])
         if config['model'] == 'attentive' and single:   # L layers at the latent scale, L encoder cells there
             config['enc_blocks'] = re.sub(rf'(^|,){single[1]}x\d+$', rf'\g<1>{single[1]}x{args.depth}',
                                           config['enc_blocks'])
-    for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size'):
-        if config[key] < 1:
+    return check_config(config)
+
+
+def check_config(config):
+    for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size', 'num_layers'):
+        if config.get(key, 1) < 1:
             raise ValueError(f'--{key} must be at least 1, not {config[key]}')
     if config['lr'] <= 0 or not 0 <= config['ema_rate'] < 1:
         raise ValueError(f"need lr > 0 and 0 <= ema_rate < 1 (got lr {config['lr']}, ema_rate {config['ema_rate']})")
@@ -158,7 +207,10 @@ def make_config(args):
 
 def get_lr(step, config, steps_per_epoch=1):
     """Linear warm-up from lr_start over the warm-up (the first step already moves), then constant
-    or cosine down to lr_min at the end of `epochs`. Stateless: nothing to save."""
+    or cosine down to lr_min at the end of `epochs`, or the official attentive VAE's per-epoch
+    schedules. Stateless: nothing to save."""
+    if config['lr_schedule'] in ('cosine_warmup', 'cosine_restart_warmup'):
+        return official_lr(step + 1, config, config['schedule_steps_per_epoch'] or steps_per_epoch)
     warmup = config['warmup_epochs'] * steps_per_epoch or config['warmup_steps']
     lr, start = config['lr'], config['lr_start']
     if step < warmup:
@@ -169,15 +221,63 @@ def get_lr(step, config, steps_per_epoch=1):
     return lr
 
 
+def official_lr(step, config, spe):
+    """official: util/learning_rate_schedule.py CosineWarmup and CosineRestartWarmup. The step
+    counts from 1 (on_train_batch_begin); linear warm-up from lr_min to lr over warmup_epochs * spe
+    steps, then per schedule epoch e = step // spe (constant within it) a cosine from lr to lr_min:
+    over epochs - warmup_epochs epochs, or in periods of lr_first_decay_epochs, twice that, ..."""
+    lr, low, warm = config['lr'], config['lr_min'], config['warmup_epochs']
+    if step <= warm * spe:
+        return low + step / (warm * spe) * (lr - low)
+    e = step // spe - warm
+    if config['lr_schedule'] == 'cosine_warmup':
+        frac = min(1.0, e / (config['epochs'] - warm))
+    else:                                           # t_mul 2, m_mul 1
+        c = e / config['lr_first_decay_epochs']
+        i = math.floor(math.log2(1 + c))
+        frac = (c - (2 ** i - 1)) / 2 ** i
+    alpha = low / lr
+    return lr * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * frac)) + alpha)
+
+
 def get_kl_weight(step, config, steps_per_epoch=1):
     """The training loss's weight on the rate: kl_weight_start rising linearly to 1 (1 throughout
     by default). The reported ELBO never uses it."""
     ramp = config['kl_warmup_epochs'] * steps_per_epoch
     start = config['kl_weight_start']
+    if config.get('kl_per_epoch'):   # official KLRegularizerSchedule.on_epoch_begin: constant within an epoch
+        step = step // steps_per_epoch * steps_per_epoch
     return 1.0 if ramp <= 0 or step >= ramp else start + (1 - start) * step / ramp
 
 
+class KerasAdamax(torch.optim.Optimizer):
+    """Adamax as Keras/TF updates it (ATTENTIVE.md 7): m = beta1 m + (1 - beta1) g,
+    u = max(beta2 u, |g|), theta -= lr / (1 - beta1^t) * m / (u + eps). Epsilon sits outside the
+    max; PyTorch's Adamax puts it inside, max(beta2 u, |g| + eps). No weight decay (the official
+    L2 penalty is part of the loss)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-7):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group['betas']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), u=torch.zeros_like(p))
+                state['step'] += 1
+                state['m'].lerp_(p.grad, 1 - beta1)
+                torch.maximum(state['u'] * beta2, p.grad.abs(), out=state['u'])
+                p.addcdiv_(state['m'], state['u'] + group['eps'], value=-group['lr'] / (1 - beta1 ** state['step']))
+
+
 def make_optimizer(model, config):
+    if config['optimizer'] == 'keras_adamax':
+        return KerasAdamax(model.parameters(), config['lr'], (config['adam_beta1'], config['adam_beta2']), config['adam_eps'])
     kw = dict(lr=config['lr'], weight_decay=config['weight_decay'], eps=config['adam_eps'],
               betas=(config['adam_beta1'], config['adam_beta2']))
     if config['optimizer'] == 'adamax':   # the attentive VAE's: weight decay as an L2 penalty
@@ -201,8 +301,10 @@ def update_ema(ema, model, updates, config):
     rate = config['ema_rate']
     if config['ema_warmup']:
         rate = min(rate, (1 + updates) / (10 + updates))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - rate)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - rate)   # one fused call for all
+    buffers = list(ema.buffers())
+    if buffers:                                   # batch-norm running statistics: the model's own
+        torch._foreach_copy_(buffers, list(model.buffers()))
 
 
 # -----------------------------------------------------------------------------
@@ -238,10 +340,44 @@ def all_mean(t):
     return t
 
 
+@torch.no_grad()
+def average_bn_statistics(model):
+    """Batch norm normalises with each process's own batch (the official per-replica statistics);
+    the moving statistics become the mean of the processes' updates, as TF's MirroredStrategy
+    aggregates them (the update is linear, so averaging the updated buffers is the same)."""
+    stats = [b for name, b in model.named_buffers() if name.endswith(('running_mean', 'running_var'))]
+    if stats and dist.is_initialized():
+        flat = all_mean(torch.cat([b.flatten() for b in stats]))
+        for b, v in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(v.view_as(b))
+
+
 def agree(device, *flags):
     """Every flag becomes true on all ranks if it is true on any (a signal that reached one rank,
     a clock that ran out on one node)."""
     return [f > 0 for f in all_mean(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
+
+
+def broadcast(obj):
+    """Rank 0's obj on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fetch_data_once(config, rank):
+    """Under torchrun, rank 0 downloads and extracts CIFAR-10 / MNIST while the others wait, then
+    the first rank of every other node, whose data_root may be node-local (on a shared one it finds
+    the files there): ranks writing one file at once leave it truncated or failing its md5."""
+    if not dist.is_initialized() or not config['download']:
+        return
+    node_first = int(os.environ.get('LOCAL_RANK', rank)) == 0
+    for turn in (rank == 0, node_first and rank != 0):
+        if turn:
+            data.fetch_dataset(config['dataset'], config['data_root'])
+        dist.barrier()
 
 
 def gather(obj):
@@ -251,6 +387,21 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def set_precision(config):
+    """Kernel choices of this process. PyTorch runs fp32 convolutions as TF32 (a 10-bit mantissa) on
+    Ampere and later GPUs; tf32=False asks for full fp32 there, convolutions and matmuls. cuDNN's
+    autotuner picks the fastest kernel once per shape (training batches are always full), unless
+    deterministic kernels are asked for: without them a CUDA run is not bit-for-bit on resume."""
+    torch.backends.cudnn.allow_tf32 = config['tf32']
+    if not config['tf32']:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = not config['deterministic']
+    torch.backends.cudnn.deterministic = config['deterministic']
+    if config['deterministic']:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # cuBLAS's condition for determinism
+    torch.use_deterministic_algorithms(config['deterministic'], warn_only=True)   # a warning names any op without one
 
 
 def autocast(config, device):
@@ -263,13 +414,16 @@ def train_step(model, optimizer, batch, info, config, kl_weight=1.0, scaler=None
     """One step -> (stats, skipped). The update is skipped on every rank when the loss or the
     gradient norm is not finite on any rank, or the norm reaches skip_threshold (0 turns clipping
     or skipping off). The stats are means over ranks."""
-    x, target = data.prepare(flip(batch, config['flip']), info, config['bits'], config['pad'])
+    x, target = model_inputs(*data.prepare(flip(batch, config['flip']), info, config['bits'], config['pad']), config)
     if config['channels_last']:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(config, x.device):
         out = model(x, target)
     elbo = (out['distortion'] + out['rate']).mean()
     loss = elbo if kl_weight == 1.0 else (out['distortion'] + kl_weight * out['rate']).mean()
+    if config['loss_per_image']:   # official: nats per image plus the Keras L2 penalty (ATTENTIVE.md 6)
+        dims = target.shape[1] * (target.shape[2] - 2 * config['pad']) * (target.shape[3] - 2 * config['pad'])
+        loss = loss * dims + getattr(model, 'module', model).l2_penalty()
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler else loss).backward()   # DDP: gradients averaged over ranks here
     if scaler:
@@ -306,7 +460,7 @@ def evaluate(model, split, info, config, device, max_batches=0):
             if max_batches and i >= -(-max_batches // world):
                 break
             with autocast(config, device):
-                out = model(*data.prepare(batch, info, config['bits'], config['pad']))
+                out = model(*model_inputs(*data.prepare(batch, info, config['bits'], config['pad']), config))
             nelbo.append(out['distortion'] + out['rate'])
             kl.append(out['kl'])
     model.train()
@@ -378,19 +532,35 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def resume_config(config, args, out_dir):
-    """The latest checkpoint in out_dir and its config; flags may change run keys only."""
+def agreed_checkpoint(out_dir, required):
+    """The checkpoint every rank resumes from: rank 0's latest, looked up by name in each rank's own
+    out_dir (one shared folder, or per-node folders at the same path). Ranks resuming from
+    different checkpoints, or some not at all, would diverge and hang on mismatched collectives,
+    so a rank that cannot see it stops the run. -> its path, or None when there is none."""
     paths = checkpoint_paths(out_dir)
-    if not paths:
-        raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
-    ckpt = load_checkpoint(paths[-1])
+    name = broadcast(os.path.basename(paths[-1]) if paths else None)
+    if name is None:
+        if required:
+            raise FileNotFoundError(f'--resume: no checkpoint ckpt-*.pt in {out_dir}')
+        return None
+    path = os.path.join(out_dir, name)
+    blind = [str(r) for r, seen in enumerate(gather(os.path.exists(path))) if not seen]
+    if blind:
+        raise FileNotFoundError(f"rank {', '.join(blind)} cannot see {path}, rank 0's latest checkpoint: share "
+                                f"--out_dir between nodes, or copy the checkpoint into every node's --out_dir")
+    return path
+
+
+def resume_config(config, args, path):
+    """The checkpoint at path and its config; flags may change run and recipe keys only."""
+    ckpt = load_checkpoint(path)
     saved = {**{k: BASE[k] for k in RUN_KEYS if k in BASE}, **ckpt['config']}
     given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
     clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))
-             if k not in RUN_KEYS and saved.get(k) != config[k]]
+             if k not in RUN_KEYS + RECIPE_KEYS and saved.get(k) != config[k]]
     if clash:
-        raise ValueError(f"{paths[-1]} was written by another configuration: {', '.join(clash)}")
-    return ckpt, paths[-1], {**saved, **{k: config[k] for k in RUN_KEYS if k in given}}
+        raise ValueError(f"{path} was written by another configuration: {', '.join(clash)}")
+    return ckpt, path, {**saved, **{k: config[k] for k in RUN_KEYS + RECIPE_KEYS if k in given}}
 
 
 class StopSignal:
@@ -435,23 +605,33 @@ def main(argv=None):
     print0 = print if rank == 0 else (lambda *a, **k: None)
     restarted = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0   # torchrun restarted the group
     ckpt = ckpt_path = None
-    if args.resume or (restarted and checkpoint_paths(config['out_dir'])):
-        ckpt, ckpt_path, config = resume_config(config, args, config['out_dir'])
+    if args.resume or restarted:   # rank 0 chooses the checkpoint, for every rank
+        ckpt_path = agreed_checkpoint(config['out_dir'], required=args.resume)
+    if ckpt_path:
+        ckpt, ckpt_path, config = resume_config(config, args, ckpt_path)
     if config['dtype'] == 'fp16' and device.type != 'cuda':
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
+    if config['sync_bn'] and device.type != 'cuda':
+        raise ValueError('--sync_bn needs CUDA devices (torch.nn.SyncBatchNorm); on CPU each process keeps its own batch statistics')
+    set_precision(config)
     torch.manual_seed(config['seed'])
-    model = VAE(config).to(device)
+    model = build(config).to(device)
+    if config['grad_checkpoint']:
+        model.set_grad_checkpoint(True)
     n_params = sum(p.numel() for p in model.parameters())
     if args.dry_run:
         print0(json.dumps({k: config[k] for k in sorted(config)}, indent=1))
-        print0(f"model {config['model']}: {len(model.decoder.layers)} stochastic layers, {n_params:,} parameters")
+        print0(f"model {config['model']}: {n_layers(model)} stochastic layers, {n_params:,} parameters")
         return
     out_dir = config['out_dir']
     if rank == 0:
         check_out_dir(out_dir, n_params, ckpt is not None or restarted)
-    info = data.load_dataset(config['dataset'], config['data_root'], config['image_size'], config['download'])
+    fetch_data_once(config, rank)
+    # a checkpoint's split and normalisation, not recomputed from a folder that may have changed since
+    info = data.load_run_dataset(config, ckpt.get('dataset') if ckpt is not None else None, config['download'])
+    data_record = data.dataset_record(info, config['data_root'])
     batches = data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device)
-    ema = VAE(config).to(device).requires_grad_(False)
+    ema = build(config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type) if config['dtype'] == 'fp16' else None
@@ -471,12 +651,19 @@ def main(argv=None):
         else:   # more ranks than the run that wrote it
             torch.manual_seed(config['seed'] + rank + 7919 * step)
         print0(f'resumed from step {step} of {ckpt_path}')
+        changed = [f"{k} {ckpt['config'].get(k)!r} -> {config[k]!r}" for k in RECIPE_KEYS
+                   if ckpt['config'].get(k) != config[k]]
+        if changed:
+            print0(f"recipe changed on resume: {', '.join(changed)}")
+        ckpt = None   # the loaded dict is a second copy of the weights and optimiser (~2 GB at ImageNet-64 size)
     if config['channels_last']:
         model = model.to(memory_format=torch.channels_last)
+    if config['sync_bn'] and world > 1:   # one set of batch statistics over all processes
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config['compile']:
         model.compile()   # in place: the state dict keeps its names
     ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
-    print0(f"model {config['model']} ({config['preset']} preset): {len(model.decoder.layers)} stochastic layers, "
+    print0(f"model {config['model']} ({config['preset']} preset): {n_layers(model)} stochastic layers, "
            f"{n_params:,} parameters, {len(info['train']):,} training images, device {device}"
            + (f", {world} processes x batch {config['batch_size']}" if world > 1 else ''))
     log_path = os.path.join(out_dir, 'log.jsonl')
@@ -489,7 +676,7 @@ def main(argv=None):
         state = dict(format=CHECKPOINT_FORMAT, config=config, step=step, model=model.state_dict(),
                      ema=ema.state_dict(), optimizer=optimizer.state_dict(), rng=gather(rng_state(device)),
                      data=batches.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start))
+                     counts=dict(counts, elapsed=counts['elapsed'] + time.time() - t_start), dataset=data_record)
         return save_checkpoint(state, out_dir, config['keep']) if rank == 0 else None
 
     t_start = t_log = t_save = time.time()
@@ -498,12 +685,16 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step, config, spe)
         stats, skipped = train_step(ddp, optimizer, batches.next(), info, config, get_kl_weight(step, config, spe), scaler)
+        if world > 1 and not config['sync_bn']:
+            average_bn_statistics(model)
         step += 1
         if skipped:
             counts['skipped'] += 1
             counts['skips_in_row'] += 1
             if counts['skips_in_row'] >= config['max_skips_in_row']:
                 path = save()
+                if dist.is_initialized():
+                    dist.barrier()   # rank 0's write is done: torchrun kills the group when one rank exits
                 print0(f"stopping at step {step}: {counts['skips_in_row']} updates in a row skipped "
                        f"(grad norm {stats['grad_norm']:.1f}, skip_threshold {config['skip_threshold']}, "
                        f"loss {stats['elbo']:.4g}); raise --skip_threshold or lower --lr; saved {path}", file=sys.stderr)
@@ -517,7 +708,7 @@ def main(argv=None):
         signalled, out_of_time, save_due = agree(
             device, stop.name is not None, config['max_minutes'] and minutes >= config['max_minutes'],
             (config['save_every'] and step % config['save_every'] == 0)
-            or time.time() - t_save >= 60 * config['save_every_minutes'])
+            or (config['save_every_minutes'] > 0 and time.time() - t_save >= 60 * config['save_every_minutes']))
         done = (step >= config['max_steps'] or (config['epochs'] and step >= config['epochs'] * spe)
                 or out_of_time or signalled)
         if step % config['log_every'] == 0 or done:
@@ -537,7 +728,7 @@ def main(argv=None):
             print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
                    f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {counts['skipped']} | "
                    f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}"
-                   + (f" | {rec['unreadable_images']} unreadable images skipped" if bad_images else ''), flush=True)
+                   + (f" | {rec['unreadable_images']} unreadable images replaced" if bad_images else ''), flush=True)
             if rank == 0:
                 log(rec, log_path)
             window, t_log = [], time.time()

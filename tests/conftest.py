@@ -83,11 +83,13 @@ def assert_same_tree(a, b):
         assert a == b
 
 
-def launch(out, steps, batch, nproc=1, faults='mean_z', extra=(), check=True, data_root=None, torchrun=()):
-    """train.py through tests/faults.py (see there), in 1 process or under torchrun with nproc processes."""
-    env = dict(os.environ, HVAE_FAULTS=faults, HVAE_DUMP=str(out / 'final'), OMP_NUM_THREADS='1')
-    i = TINY.index('--batch_size')
-    args = ['tests/faults.py', *TINY[:i], *TINY[i + 2:], '--batch_size', str(batch), '--data_root', data_root, '--out_dir', str(out),
+def launch(out, steps, batch, nproc=1, faults='mean_z', extra=(), check=True, data_root=None, torchrun=(), env=()):
+    """train.py through tests/faults.py (see there), in 1 process or under torchrun with nproc processes;
+    env: more environment variables (HVAE_CIFAR_TARBALL turns downloads on)."""
+    env = dict(os.environ, HVAE_FAULTS=faults, HVAE_DUMP=str(out / 'final'), OMP_NUM_THREADS='1', **dict(env))
+    tiny = [a for a in TINY if a != '--no_download' or 'HVAE_CIFAR_TARBALL' not in env]
+    i = tiny.index('--batch_size')
+    args = ['tests/faults.py', *tiny[:i], *tiny[i + 2:], '--batch_size', str(batch), '--data_root', data_root, '--out_dir', str(out),
             '--max_steps', str(steps), *extra]
     if nproc > 1:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *torchrun, *args]
@@ -107,3 +109,7 @@ def assert_close(a, b, atol=1e-6):
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= atol, worst
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU; skipped with that reason elsewhere (gpu_check.sh runs them)')

@@ -11,17 +11,25 @@ Faults (comma-separated; @S = at training step S, counted from 1 in this process
   kill@S:R        SIGKILL at the start of step S, in the first attempt only (not after a torchrun restart)
   kill_in_save@N  SIGKILL in the middle of writing the N-th checkpoint (half the bytes on disk)
   enospc_save@N   the N-th checkpoint write fails with "No space left on device" half-way
-HVAE_DUMP=prefix: each rank writes its final weights to prefix-rank<R>.pt
+  slow_save@N     the N-th checkpoint write starts 3 s late (a big checkpoint on a slow disk)
+  own_out_dir@0:R rank R reads and writes <out_dir>-rank<R> instead: a node-local --out_dir
+HVAE_CIFAR_TARBALL=path: CIFAR-10 downloads fetch that file (its md5 taken as the official one), one
+second after they start, so that ranks downloading at once overlap
+HVAE_DUMP=prefix: each rank writes its final weights to prefix-rank<R>.pt, or when it exits early
+(sys.exit) the listing of its out_dir at that moment to prefix-rank<R>-exit.txt
 """
 import errno
 import io
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import layers  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
@@ -61,6 +69,8 @@ def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
 def save(obj, path, *args, **kwargs):
     state['saves'] += 1
     n = state['saves']
+    if n in FAULTS.get('slow_save', ()):
+        time.sleep(3)
     if n in FAULTS.get('kill_in_save', set()) | FAULTS.get('enospc_save', set()):
         buffer = io.BytesIO()
         original_save(obj, buffer)
@@ -78,13 +88,26 @@ original_train_step, train.train_step = train.train_step, train_step
 original_forward, model.VAE.forward = model.VAE.forward, forward
 original_clip, torch.nn.utils.clip_grad_norm_ = torch.nn.utils.clip_grad_norm_, clip_grad_norm_
 original_save, torch.save = torch.save, save
+if os.environ.get('HVAE_CIFAR_TARBALL'):
+    data.CIFAR_URL, data.CIFAR_MD5 = Path(os.environ['HVAE_CIFAR_TARBALL']).as_uri(), data.md5(os.environ['HVAE_CIFAR_TARBALL'])
+    original_fetch = data.fetch
+    data.fetch = lambda url, path: time.sleep(1) or original_fetch(url, path)
 if 'mean_z' in FAULTS:
     model.gaussian_sample = lambda mean, logsigma, eps=None: mean if eps is None else layers.gaussian_sample(mean, logsigma, eps)
 
 if __name__ == '__main__':
     try:
-        trained = train.main(sys.argv[1:])
+        argv = sys.argv[1:]
+        if 'own_out_dir' in FAULTS:
+            i = argv.index('--out_dir') + 1
+            argv[i] = f'{argv[i]}-rank{RANK}'
+        trained = train.main(argv)
         if os.environ.get('HVAE_DUMP') and trained is not None:   # every rank's final weights
             original_save(trained.state_dict(), f"{os.environ['HVAE_DUMP']}-rank{RANK}.pt")
+    except SystemExit:   # the stop on skipped updates: what this rank sees in out_dir as it leaves
+        if os.environ.get('HVAE_DUMP'):
+            with open(f"{os.environ['HVAE_DUMP']}-rank{RANK}-exit.txt", 'w') as f:
+                f.write(' '.join(sorted(os.listdir(argv[argv.index('--out_dir') + 1]))))
+        raise
     except (ValueError, OSError) as e:
         sys.exit(f'error: {e}')

@@ -209,9 +209,9 @@ def test_attentive_model_trains_samples_and_keeps_given_latents():
         assert torch.equal(given, used)
 
 
-def test_dataset_cifar10_depth_16_is_the_papers_16_layer_attentive_vae():
-    config = train.make_config(train.parse_args(['--dataset', 'cifar10', '--depth', '16']))
-    assert config['preset'] == 'attentive_cifar10' and config['model'] == 'attentive'
+def test_bottleneck_attentive_preset_at_depth_16_keeps_its_layout():
+    config = train.make_config(train.parse_args(['--preset', 'attentive_bottleneck_cifar10', '--depth', '16']))
+    assert config['preset'] == 'attentive_bottleneck_cifar10' and config['model'] == 'attentive'
     with torch.device('meta'):
         vae = VAE(config)
     assert len(vae.decoder.layers) == 16 and {l.res for l in vae.decoder.layers} == {16}
@@ -219,12 +219,12 @@ def test_dataset_cifar10_depth_16_is_the_papers_16_layer_attentive_vae():
     assert sum(p.numel() for p in vae.parameters()) == 9_867_212
     assert sum(isinstance(m, NonLocal) for m in vae.modules()) == 32   # every 16x16 residual cell
     # --model overrides the preset's model
-    local = train.make_config(train.parse_args(['--dataset', 'cifar10', '--model', 'vdvae']))
-    assert local['model'] == 'vdvae' and local['preset'] == 'attentive_cifar10'
+    local = train.make_config(train.parse_args(['--preset', 'attentive_bottleneck_cifar10', '--model', 'vdvae']))
+    assert local['model'] == 'vdvae' and local['preset'] == 'attentive_bottleneck_cifar10'
 
 
-def test_attentive_recipe_schedules():
-    config = train.make_config(train.parse_args(['--preset', 'attentive_cifar10']))
+def test_bottleneck_attentive_recipe_schedules():
+    config = train.make_config(train.parse_args(['--preset', 'attentive_bottleneck_cifar10']))
     spe = 1125                                       # 45k images / 40 per step
     assert train.get_lr(0, config, spe) == pytest.approx(1e-4 + (1e-2 - 1e-4) / (5 * spe))
     assert train.get_lr(5 * spe - 1, config, spe) == pytest.approx(1e-2)

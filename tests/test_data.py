@@ -506,22 +506,39 @@ def test_folder_with_train_and_test_subfolders_uses_them(tmp_path):
     assert all('/test/' in f for f in info['test'].files) and all('/train/' in f for f in info['valid'].files)
 
 
-def test_folder_batches_skip_and_count_unreadable_files(tmp_path):
+def test_unreadable_images_are_replaced_so_the_batch_keeps_its_size(tmp_path):
     write_images(tmp_path)
     ds = data.ImageFolder(data.list_images(tmp_path), 8)  # 5 good, 2 bad
-    b = data.make_batches(ds, 7, num_workers=0)
-    assert isinstance(b, data.FolderBatches)
-    x = b.next()
-    assert x.shape == (5, 3, 8, 8) and x.dtype == torch.uint8 and b.skipped == 2
-    b.next()
-    assert b.skipped == 4 and b.epoch == 2
+    readable = torch.stack([ds[i] for i in range(5)])
+    for workers in (0, 2):   # counted in the main process also when workers decode
+        b = data.make_batches(ds, 7, num_workers=workers)
+        assert isinstance(b, data.FolderBatches)
+        x = b.next()
+        assert x.shape == (7, 3, 8, 8) and x.dtype == torch.uint8 and b.skipped == 2
+        assert all((readable == image).all((1, 2, 3)).any() for image in x)   # every image a readable one
+        b.next()
+        assert b.skipped == 4 and b.epoch == 2
 
 
-def test_folder_batches_count_skips_made_in_worker_processes(tmp_path):
+def test_unreadable_images_keep_every_rank_s_batches_full_and_positions_together(tmp_path):
+    """Batch 1 per rank (as for FFHQ): a rank whose image is unreadable gets another image of its own
+    shard in that place; both ranks end the epoch at the same position."""
     write_images(tmp_path)
-    b = data.FolderBatches(data.ImageFolder(data.list_images(tmp_path), 8), 1, num_workers=2)
-    good = [b.next() for _ in range(5)]  # one epoch is 7 single-image steps, 5 of them readable
-    assert all(x.shape == (1, 3, 8, 8) for x in good) and b.skipped == 2 and b.state_dict() == {'epoch': 1, 'index': 0, 'global_batch': 1}
+    ds = data.ImageFolder(data.list_images(tmp_path), 8)  # 5 good, 2 bad: 3 steps per epoch on 2 ranks
+    bad = {5, 6}
+    for rank in (0, 1):
+        b = data.FolderBatches(ds, 1, rank=rank, world_size=2, num_workers=0)
+        shard = b.shard(0).tolist()
+        batches = [b.next() for _ in range(b.steps_per_epoch)]
+        assert all(x.shape == (1, 3, 8, 8) for x in batches)
+        assert b.state_dict() == {'epoch': 1, 'index': 0, 'global_batch': 2}
+        assert b.skipped == len(bad & set(shard))
+        for i, x in zip(shard, batches):
+            if i in bad:   # the next readable image of the shard took its place
+                assert any(torch.equal(x[0], ds[j]) for j in shard if j not in bad)
+            else:
+                assert torch.equal(x[0], ds[i])
+    assert any(bad & set(data.FolderBatches(ds, 1, rank=r, world_size=2).shard(0).tolist()) for r in (0, 1))
 
 
 def test_folder_batches_resume_where_they_stopped(tmp_path):
@@ -547,3 +564,18 @@ def test_eval_batches_over_a_folder_yield_the_readable_images_in_order(tmp_path)
     out = list(data.eval_batches(ds, 3, num_workers=0))
     assert [len(o) for o in out] == [3, 2]  # the last batch held one unreadable file only, so it is dropped
     assert torch.equal(torch.cat(out), torch.stack([ds[i] for i in range(5)]))
+
+
+def test_folders_reads_only_the_named_sub_folders_and_ffhq_presets_leave_out_the_thumbnails(tmp_path):
+    for sub in ('images1024x1024/00000', 'thumbnails128x128/00000'):   # FFHQ's download, the same faces twice
+        (tmp_path / sub).mkdir(parents=True)
+        for i in range(30):
+            Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / sub / f'{i:05d}.png')
+    info = data.load_dataset('folder', tmp_path, 8, folders='images1024x1024')
+    files = info['train'].files + info['valid'].files + info['test'].files
+    assert len(files) == 30 and all('/images1024x1024/' in f for f in files)
+    assert sum(len(data.load_dataset('folder', tmp_path, 8)[k]) for k in ('train', 'valid', 'test')) == 60
+    with pytest.raises(FileNotFoundError, match='no sub-folder images/ in'):
+        data.load_dataset('folder', tmp_path, 8, folders='images')
+    import train
+    assert train.PRESETS['ffhq256']['folders'] == train.PRESETS['ffhq1024']['folders'] == 'images1024x1024'

@@ -167,16 +167,18 @@ def closed_form_count(config):
     """Parameters from the architecture of DESIGN.md 1.2 to 1.4."""
     c = {**model.DEFAULTS, **config}
     w, z = c['width'], c['zdim']
-    m = int(w * c['bottleneck_multiple'])
+    named = dict(map(int, item.split(':')) for item in c['custom_width'].split(',') if item)
+    W = lambda r: named.get(r, w)
 
     def block(c_in, c_out, res):
-        k = 3 if res > 2 else 1
+        k, m = 3 if res > 2 else 1, int(W(res) * c['bottleneck_multiple'])
         return c_in * m + m + 2 * (m * m * k * k + m) + m * c_out + c_out
 
-    enc = 9 * c['image_channels'] * w + w + sum(block(w, w, r) for r, _ in model.parse_layout(c['enc_blocks'], 'enc'))
+    enc = 9 * c['image_channels'] * w + w + sum(block(W(r), W(r), r) for r, _ in model.parse_layout(c['enc_blocks'], 'enc'))
     dec_layers = model.parse_layout(c['dec_blocks'], 'dec')
-    dec = sum(block(2 * w, 2 * z, r) + block(w, 2 * z + w, r) + z * w + w + block(w, w, r) for r, _ in dec_layers)
-    state = sum(w * r * r for r in {r for r, _ in dec_layers} if r <= c['no_bias_above'])
+    dec = sum(block(2 * W(r), 2 * z, r) + block(W(r), 2 * z + W(r), r) + z * W(r) + W(r) + block(W(r), W(r), r)
+              for r, _ in dec_layers)
+    state = sum(W(r) * r * r for r in {r for r, _ in dec_layers} if r <= c['no_bias_above'])
     out = 10 * c['num_mixtures'] if c['likelihood'] == 'dmol' else c['image_channels']
     return enc + dec + state + 2 * w + w * out + out
 
@@ -547,3 +549,78 @@ def test_at_init_only_the_prior_convs_behind_the_zeroed_last_conv_get_no_gradien
     # activations are 0, so its last conv's weight (not its bias) gets no gradient either
     expected.add('decoder.layers.0.prior.conv4.weight')
     assert zero == expected
+
+
+def grads_of(vae, x, target, eps=None, seed=0):
+    vae.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = vae(x, target, eps)
+    (out['distortion'] + out['rate']).mean().backward()
+    return out, {n: p.grad.clone() for n, p in vae.named_parameters()}
+
+
+@pytest.mark.parametrize('given_noise', [True, False])
+def test_grad_checkpoint_gives_the_plain_backward_gradients(given_noise):
+    vae = small_vae(3)
+    x, target = batch(3, seed=3)
+    eps = layer_noise(vae, 3, seed=4) if given_noise else None   # drawn noise: the recompute redraws the same
+    out, plain = grads_of(vae, x, target, eps)
+    out_ckpt, ckpt = grads_of(vae.set_grad_checkpoint(True), x, target, eps)
+    assert torch.equal(out['kl'], out_ckpt['kl'])
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-6, atol=1e-9), n
+
+
+def test_grad_checkpoint_keeps_fewer_activations_for_the_backward():
+    vae = small_vae(3)
+    x, target = batch(2, seed=3)
+
+    def saved(on):
+        vae.set_grad_checkpoint(on)
+        count = [0]
+        def pack(t):
+            count[0] += t.numel()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = vae(x, target)
+        return count[0]
+    assert saved(True) < 0.5 * saved(False)
+
+
+def test_grad_checkpoint_is_refused_by_the_bottleneck_attentive_variant():
+    vae = model.VAE({**SMALL, 'model': 'attentive', 'key_width': 4})
+    with pytest.raises(ValueError, match='not supported'):
+        vae.set_grad_checkpoint(True)
+
+
+NARROW = dict(SMALL, width=8, custom_width='4:16,1:16')   # the image resolution narrower, as ffhq1024
+
+
+def test_custom_width_sets_each_resolutions_channels_with_the_closed_form_count():
+    vae = model.VAE(NARROW)
+    assert n_params(vae) == closed_form_count(NARROW) != closed_form_count(SMALL)
+    assert [l.width for l in vae.decoder.layers] == [16, 16, 16, 8, 8]
+    assert vae.decoder.state['4'].shape == (1, 16, 4, 4) and vae.decoder.state['8'].shape == (1, 8, 8, 8)
+    feats = vae.encoder(batch(2)[0])
+    assert {r: f[-1].shape[1] for r, f in feats.items()} == {8: 8, 4: 16, 1: 16}
+
+
+def test_custom_width_pads_encoder_channels_with_zeros_and_mixes_in_the_first_coarse_channels():
+    vae = small_vae(5, **{k: NARROW[k] for k in ('width', 'custom_width')})
+    x, target = batch(2, seed=5)
+    feats = vae.encoder(x)
+    b = vae.encoder.blocks
+    down = b[2](b[1](b[0](vae.encoder.stem(x))))                               # 8x2, 8d2: 8 channels at 4x4
+    assert torch.equal(feats[4][0][:, :8], down) and not feats[4][0][:, 8:].any()
+    xs = {1: torch.randn(2, 16, 1, 1), 4: torch.randn(2, 16, 4, 4)}
+    layer = vae.decoder.layers[3]                                               # 8m4: 8 channels
+    x8 = vae.decoder.layer_input(xs, layer, 2, x)
+    assert torch.equal(x8, model.upsample(xs[4][:, :8], 8))                       # no state at 8 in xs: zeros
+    out = vae(x, target)
+    assert out['kl'].shape == (2, 5) and torch.isfinite(out['distortion']).all()
+
+
+@pytest.mark.parametrize('bad', ['4:0', '4-16', 'x:8'])
+def test_malformed_custom_width_is_refused_naming_the_item(bad):
+    with pytest.raises(ValueError, match='resolution:width'):
+        model.VAE(dict(SMALL, custom_width=bad))

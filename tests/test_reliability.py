@@ -71,6 +71,11 @@ def test_keep_holds_the_last_k_checkpoints(fake_cifar, tmp_path):
     assert [p.name for p in sorted(tmp_path.glob('ckpt-*'))] == ['ckpt-00000004.pt', 'ckpt-00000005.pt']
 
 
+def test_save_every_minutes_0_is_off_and_writes_only_the_final_checkpoint(fake_cifar, tmp_path):
+    launch(tmp_path, 4, 4, faults='', extra=['--save_every_minutes', '0', '--keep', '10'], data_root=fake_cifar)
+    assert [p.name for p in tmp_path.glob('ckpt-*')] == ['ckpt-00000004.pt']
+
+
 def test_full_disk_at_a_save_is_one_line_and_the_previous_checkpoint_survives(fake_cifar, tmp_path):
     p = launch(tmp_path, 6, 4, faults='enospc_save@2', extra=['--save_every', '2'], check=False, data_root=fake_cifar)
     line = error_line(p)
@@ -157,4 +162,53 @@ def test_image_folder_with_bad_files_trains_and_counts_them_in_the_log(tmp_path)
             '--out_dir', tmp_path / 'run', '--max_steps', steps, '--log_every', steps)
     record = json.loads((tmp_path / 'run' / 'log.jsonl').read_text().splitlines()[-1])
     assert bad_in_train >= 1 and record.get('unreadable_images') == bad_in_train
-    assert f'{bad_in_train} unreadable images skipped' in p.stdout and 'skipping unreadable image' in p.stdout
+    assert f'{bad_in_train} unreadable images replaced' in p.stdout and 'unreadable image' in p.stdout
+
+
+def folder_run(tmp_path, steps, *extra):
+    """A tiny run on image_folder(tmp_path / 'images'), in this process -> (image root, its latest checkpoint)."""
+    root, out = tmp_path / 'images', tmp_path / 'run'
+    if not root.exists():
+        image_folder(root, good=40)
+    train.main([*TINY, '--dataset', 'folder', '--image_size', '32', '--data_root', str(root), '--out_dir', str(out),
+                '--max_steps', str(steps), *extra])
+    return root, latest(out)
+
+
+def test_a_folder_that_grew_after_a_checkpoint_keeps_the_run_s_split_and_normalisation(tmp_path, monkeypatch):
+    import data
+    import evaluate
+    root, first = folder_run(tmp_path, 1)
+    for i in range(40):   # white images: a split and moments recomputed from the listing would change
+        Image.new('RGB', (40, 40), 'white').save(root / f'new{i:03d}.png')
+    fresh = data.load_dataset('folder', root, 32)
+    assert [os.path.relpath(f, root) for f in fresh['test'].files] != first['dataset']['files']['test']
+    assert fresh['shift'] != first['dataset']['shift']
+    monkeypatch.setattr(data, 'folder_moments', lambda train: pytest.fail('normalisation recomputed from the folder'))
+    _, resumed = folder_run(tmp_path, 2, '--resume')
+    assert resumed['step'] == 2 and resumed['dataset'] == first['dataset']
+    evaluate.main([str(tmp_path / 'run' / 'ckpt-00000002.pt'), '--json', str(tmp_path / 'eval.json')])
+    readable = [f for f in first['dataset']['files']['test'] if not f.startswith('bad_')]
+    assert json.loads((tmp_path / 'eval.json').read_text())['images'] == len(readable)
+
+
+def test_a_checkpoint_without_a_stored_split_resumes_and_evaluates_as_before(fake_cifar, tmp_path):
+    """Checkpoints written before the split and normalisation were stored still work."""
+    import evaluate
+    launch(tmp_path, 1, 4, faults='', data_root=fake_cifar)
+    path = tmp_path / 'ckpt-00000001.pt'
+    old = {k: v for k, v in torch.load(path, weights_only=True).items() if k != 'dataset'}
+    torch.save(old, path)
+    evaluate.main([str(path), '--max_batches', '1', '--json', str(tmp_path / 'eval.json')])
+    launch(tmp_path, 2, 4, faults='', extra=['--resume'], data_root=fake_cifar)
+    assert latest(tmp_path)['dataset'] == dict(shift=-120.63838, scale=1 / 64.16736)
+
+
+def test_layers_figure_and_reconstructions_work_on_a_folder_dataset(tmp_path):
+    import sample
+    _, ckpt = folder_run(tmp_path, 1)
+    path = tmp_path / 'run' / 'ckpt-00000001.pt'
+    sample.main([str(path), '--layers_figure', '--n', '2', '--layers', '0', '4', '--out', str(tmp_path / 'layers.png')])
+    sample.main([str(path), '--recon_layers', '2', '--n', '2', '--out', str(tmp_path / 'recon.png')])
+    assert Image.open(tmp_path / 'layers.png').size[0] > 0
+    assert Image.open(tmp_path / 'recon.png').size == (2 * (2 * 34 + 2),) * 2   # 2 x 2 images of 32 + 2, scale 2
