@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import data
-from model import load_checkpoint, model_from_checkpoint
+from model import load_checkpoint, model_from_checkpoint, model_inputs
 
 try:
     import constriction
@@ -115,7 +115,9 @@ class Codec:
         self.models, self.clock = Models(), Clock()
 
     def prepare(self, tiles):
-        return data.prepare(tiles.to(self.device), self.norm, self.config['bits'], self.config['pad'])
+        """uint8 tiles -> (encoder input, likelihood target) as the network reads them."""
+        pair = data.prepare(tiles.to(self.device), self.norm, self.config['bits'], self.config['pad'])
+        return model_inputs(*pair, self.config)
 
     def symbols(self, tiles):
         """uint8 pixels -> the model's symbols: 0/1 (binary), the top 5 bits, or the byte."""
@@ -129,6 +131,7 @@ class Codec:
         log_p = self.clock.time('tables', self.vae.pixel_log_probs, params, target, c)
         return np.exp(log_p.double().cpu().numpy()[mask])
 
+    @torch.no_grad()
     def encode(self, coder, tiles, mask):
         """Push one batch: BB-ANS's three steps (the README lines them up with the paper)."""
         coder_time = self.clock.seconds['coder']
@@ -155,6 +158,7 @@ class Codec:
         for k in reversed(ks):                                     # 3. push z ~ P(z), the bottom layer first
             self.clock.time('coder', coder.encode_reverse, k, self.models.prior)
 
+    @torch.no_grad()
     def decode(self, coder, mask):
         """Pop one batch: the three steps mirrored; -> uint8 tiles (B, C, T, T), edges padded."""
         B, C = len(mask), self.config['image_channels']
@@ -288,6 +292,7 @@ def seed_words(n):
     return words
 
 
+@torch.no_grad()
 def latent_dims(vae):
     """Latent symbols per tile: one network pass on the prior means."""
     dims = []
@@ -406,15 +411,21 @@ def read_file(path):
 # -----------------------------------------------------------------------------
 # compress, decompress
 
-def input_norm(config, data_root=None):
-    """The encoder input's shift and scale, and whether the data are binary, as data.load_dataset
-    gives them; the fixed datasets without reading them, the others from their training images."""
+def input_norm(ckpt, data_root=None):
+    """The encoder input's shift and scale as the run trained with: the checkpoint's record of
+    them, else data.py's for the fixed datasets, else recomputed from the training images. Binary
+    (dynamically binarised) data is what a Bernoulli likelihood models."""
+    config = ckpt['config']
+    binary = config.get('likelihood') == 'bernoulli'
+    record = ckpt.get('dataset')
+    if record:
+        return dict(shift=record['shift'], scale=record['scale'], binary=binary)
     if config['dataset'] == 'cifar10':
-        return dict(shift=-120.63838, scale=1 / 64.16736, binary=False)
+        return dict(shift=-120.63838, scale=1 / 64.16736, binary=binary)
     if config['dataset'] == 'mnist':
-        return dict(shift=0.0, scale=1.0, binary=True)
-    info = data.load_dataset(config['dataset'], data_root or config['data_root'], config['image_size'], False)
-    return dict(shift=info['shift'], scale=info['scale'], binary=info['binary'])
+        return dict(shift=0.0, scale=1.0, binary=binary)
+    info = data.load_run_dataset(dict(config, data_root=data_root or config['data_root']))
+    return dict(shift=info['shift'], scale=info['scale'], binary=binary)
 
 
 def compress(codec, images, modes, names, batch=BATCH, borrow=1, progress=None):
@@ -590,7 +601,7 @@ def parse_args(argv=None):
 def make_codec(args, norm=None):
     ckpt = load_checkpoint(args.checkpoint, map_location='cpu')
     vae = model_from_checkpoint(ckpt, args.weights).float().to(args.device)
-    codec = Codec(vae, norm or input_norm(vae.config, args.data_root), args.device)
+    codec = Codec(vae, norm or input_norm(ckpt, args.data_root), args.device)
     codec.fingerprint, codec.weights = fingerprint(vae), args.weights
     return codec, ckpt
 
