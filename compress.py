@@ -12,7 +12,7 @@ with -log p(x|z) - log p(z) + log q(z|x) bits per image on average, the negative
 a stack, so the encoder can first *decode* z from the bits already on it under q(z|x) (taking bits
 off the stack), then encode x under p(x|z) and z under p(z). The decoder pops z and x, re-computes
 q(z|x) from the decoded x and pushes z back under it: the bits it took are back on the stack for
-the next image. Here z runs through the very deep VAE's layers top to bottom; each z_l is coded on
+the next image. Here z runs through the model's stochastic layers top to bottom; each z_l is coded on
 a grid in units of its prior's standard deviation (GRID_STEP), so both sides compute the same
 discrete distributions and run the network on the same grid values. The first images have no bits
 under them to pop: a seeded random stack gives them "initial bits", paid once per file and

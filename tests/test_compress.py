@@ -74,7 +74,9 @@ def read_png(path):
 def round_trip(ckpt, files, tmp_path, *flags):
     """compress.py on the command line, then --decompress; -> {name: (mode, pixels)} of the output."""
     hvz, out = tmp_path / 'out.hvz', tmp_path / 'restored'
-    run('compress.py', ckpt, *files, '-o', hvz, '--threads', '1', *flags)   # small tensors: one thread is fastest
+    p = run('compress.py', ckpt, *files, '-o', hvz, '--threads', '1', *flags)   # small tensors: one thread is fastest
+    assert 'images/s' in p.stderr and 'bits/dim so far' in p.stderr     # the progress line
+    assert 'payload' in p.stdout and 'initial bits' in p.stdout
     run('compress.py', ckpt, '--decompress', hvz, '-o', out)
     return {str(p.relative_to(out)): read_png(p) for p in sorted(out.rglob('*.png'))}
 
