@@ -177,6 +177,12 @@ def test_a_50x37_image_is_tiled_padded_and_restored_exactly(ckpts, cifar_test, t
     assert np.array_equal(tiles[3, :, 5:, 18:], np.broadcast_to(odd[:, 36:, 49:], (3, 27, 14)))   # the corner repeated
     restored = round_trip(ckpts['cifar'], [save_png(odd, tmp_path / 'odd.png')], tmp_path)
     assert restored['odd.png'][0] == 'RGB' and np.array_equal(restored['odd.png'][1], odd.transpose(1, 2, 0))
+    # a padded model (MNIST: 28x28 images padded to 32) tiles by its unpadded size
+    codec = codec_of(ckpts['mnist'])
+    binary = (rng.rand(1, 37, 50) > 0.7).astype(np.uint8) * 255
+    header, words, _ = compress.compress(codec, [binary], ['L'], ['b'])
+    assert header['tile'] == 28 and sum(header['batches']) == 4
+    assert np.array_equal(compress.decompress(codec, header, words, 'memory')[0][1], binary)
 
 
 def test_greyscale_and_palette_pngs_round_trip_in_their_own_pixels(ckpts, cifar_test, tmp_path):
