@@ -4,8 +4,6 @@ coded size is the model's own -log2 probabilities to within the coder's overhead
 gets one clear line and no output file. Small models at init with perturbed weights: the codec is
 exact whatever the model's quality.
 """
-import json
-import math
 import struct
 import sys
 from pathlib import Path
