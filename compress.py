@@ -642,5 +642,5 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # bad input, an unwritable output: one line
         sys.exit(f'error: {e}')
