@@ -591,6 +591,8 @@ def parse_args(argv=None):
         raise ValueError('give images to compress, --decompress FILE, or --dataset to measure (exactly one)')
     if args.inputs and not args.out:
         raise ValueError('-o out.hvz is required when compressing')
+    if args.inputs and not Path(args.out).resolve().parent.is_dir():
+        raise ValueError(f'{args.out}: its folder does not exist')
     if args.decompress and not args.out:
         raise ValueError('-o FOLDER is required with --decompress')
     if args.batch_size < 1 or args.borrow < 1 or args.n < 1:
