@@ -12,7 +12,7 @@ with -log p(x|z) - log p(z) + log q(z|x) bits per image on average, the negative
 a stack, so the encoder can first *decode* z from the bits already on it under q(z|x) (taking bits
 off the stack), then encode x under p(x|z) and z under p(z). The decoder pops z and x, re-computes
 q(z|x) from the decoded x and pushes z back under it: the bits it took are back on the stack for
-the next image. Here z runs through the very deep VAE's layers top to bottom; each z_l is coded on
+the next image. Here z runs through the model's stochastic layers top to bottom; each z_l is coded on
 a grid in units of its prior's standard deviation (GRID_STEP), so both sides compute the same
 discrete distributions and run the network on the same grid values. The first images have no bits
 under them to pop: a seeded random stack gives them "initial bits", paid once per file and
@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import data
-from model import load_checkpoint, model_from_checkpoint
+from model import load_checkpoint, model_from_checkpoint, model_inputs
 
 try:
     import constriction
@@ -106,7 +106,7 @@ def on_grid(prior, k):
 
 
 # -----------------------------------------------------------------------------
-# bits-back coding of one batch of tiles (B, C, T, T) uint8, `sizes` their visible (h, w)
+# bits-back coding of one batch of tiles, uint8 (B, C, T, T), `mask` (B, T, T) their visible pixels
 
 class Codec:
     def __init__(self, vae, norm, device):
@@ -115,7 +115,9 @@ class Codec:
         self.models, self.clock = Models(), Clock()
 
     def prepare(self, tiles):
-        return data.prepare(tiles.to(self.device), self.norm, self.config['bits'], self.config['pad'])
+        """uint8 tiles -> (encoder input, likelihood target) as the network reads them."""
+        pair = data.prepare(tiles.to(self.device), self.norm, self.config['bits'], self.config['pad'])
+        return model_inputs(*pair, self.config)
 
     def symbols(self, tiles):
         """uint8 pixels -> the model's symbols: 0/1 (binary), the top 5 bits, or the byte."""
@@ -129,6 +131,7 @@ class Codec:
         log_p = self.clock.time('tables', self.vae.pixel_log_probs, params, target, c)
         return np.exp(log_p.double().cpu().numpy()[mask])
 
+    @torch.no_grad()
     def encode(self, coder, tiles, mask):
         """Push one batch: BB-ANS's three steps (the README lines them up with the paper)."""
         coder_time = self.clock.seconds['coder']
@@ -155,6 +158,7 @@ class Codec:
         for k in reversed(ks):                                     # 3. push z ~ P(z), the bottom layer first
             self.clock.time('coder', coder.encode_reverse, k, self.models.prior)
 
+    @torch.no_grad()
     def decode(self, coder, mask):
         """Pop one batch: the three steps mirrored; -> uint8 tiles (B, C, T, T), edges padded."""
         B, C = len(mask), self.config['image_channels']
@@ -178,7 +182,7 @@ class Codec:
             view = tiles.transpose(1, 0, 2, 3)
             view[:, mask] |= low.reshape(C, -1)
         tiles = torch.from_numpy(pad_edges(tiles.astype(np.uint8), mask))
-        posteriors, coder_time = [], self.clock.seconds['coder']
+        posteriors = []
 
         def pick_posterior(l, prior, posterior):   # q(z_l | x, z_<l) again, now that x is known
             posteriors.append(grid_posterior(prior, posterior))
@@ -288,6 +292,7 @@ def seed_words(n):
     return words
 
 
+@torch.no_grad()
 def latent_dims(vae):
     """Latent symbols per tile: one network pass on the prior means."""
     dims = []
@@ -311,6 +316,8 @@ def encode_all(codec, tiles, masks, batch=BATCH, borrow=1, progress=None):
             size = int(max(1, min(batch, room // (1.1 * pop), len(tiles) - start)))
         codec.encode(coder, torch.from_numpy(tiles[start:start + size]), masks[start:start + size])
         lowest, pop = min(lowest, codec.low_words), max(pop or 0, codec.popped / size)
+        if lowest <= 2:   # cannot happen: the seed holds 24 bits (the most a pop takes) per latent of `borrow` tiles
+            raise RuntimeError('the seeded stack ran dry; compress again with a larger --borrow')
         sizes.append(size)
         start += size
         if progress:
@@ -404,15 +411,21 @@ def read_file(path):
 # -----------------------------------------------------------------------------
 # compress, decompress
 
-def input_norm(config, data_root=None):
-    """The encoder input's shift and scale, and whether the data are binary, as data.load_dataset
-    gives them; the fixed datasets without reading them, the others from their training images."""
+def input_norm(ckpt, data_root=None):
+    """The encoder input's shift and scale as the run trained with: the checkpoint's record of
+    them, else data.py's for the fixed datasets, else recomputed from the training images. Binary
+    (dynamically binarised) data is what a Bernoulli likelihood models."""
+    config = ckpt['config']
+    binary = config.get('likelihood') == 'bernoulli'
+    record = ckpt.get('dataset')
+    if record:
+        return dict(shift=record['shift'], scale=record['scale'], binary=binary)
     if config['dataset'] == 'cifar10':
-        return dict(shift=-120.63838, scale=1 / 64.16736, binary=False)
+        return dict(shift=-120.63838, scale=1 / 64.16736, binary=binary)
     if config['dataset'] == 'mnist':
-        return dict(shift=0.0, scale=1.0, binary=True)
-    info = data.load_dataset(config['dataset'], data_root or config['data_root'], config['image_size'], False)
-    return dict(shift=info['shift'], scale=info['scale'], binary=info['binary'])
+        return dict(shift=0.0, scale=1.0, binary=binary)
+    info = data.load_run_dataset(dict(config, data_root=data_root or config['data_root']))
+    return dict(shift=info['shift'], scale=info['scale'], binary=binary)
 
 
 def compress(codec, images, modes, names, batch=BATCH, borrow=1, progress=None):
@@ -451,7 +464,7 @@ def decompress(codec, header, payload, path):
         raise ValueError(f'{path}: its header is inconsistent ({len(masks)} tiles, batches for {sum(header["batches"])})')
     try:
         tiles = decode_all(codec, payload, masks, header['batches'], header['seed_words'], header['untouched'])
-    except (ValueError, RuntimeError, OverflowError) as e:   # constriction refuses an impossible stack
+    except (ValueError, KeyError, RuntimeError, OverflowError) as e:   # constriction refuses an impossible stack
         raise ValueError(f'{path} does not decode with this model ({str(e)[:100]})') from None
     images, at = [], 0
     for im in header['images']:
@@ -578,6 +591,8 @@ def parse_args(argv=None):
         raise ValueError('give images to compress, --decompress FILE, or --dataset to measure (exactly one)')
     if args.inputs and not args.out:
         raise ValueError('-o out.hvz is required when compressing')
+    if args.inputs and not Path(args.out).resolve().parent.is_dir():
+        raise ValueError(f'{args.out}: its folder does not exist')
     if args.decompress and not args.out:
         raise ValueError('-o FOLDER is required with --decompress')
     if args.batch_size < 1 or args.borrow < 1 or args.n < 1:
@@ -588,7 +603,7 @@ def parse_args(argv=None):
 def make_codec(args, norm=None):
     ckpt = load_checkpoint(args.checkpoint, map_location='cpu')
     vae = model_from_checkpoint(ckpt, args.weights).float().to(args.device)
-    codec = Codec(vae, norm or input_norm(vae.config, args.data_root), args.device)
+    codec = Codec(vae, norm or input_norm(ckpt, args.data_root), args.device)
     codec.fingerprint, codec.weights = fingerprint(vae), args.weights
     return codec, ckpt
 
@@ -629,5 +644,5 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # bad input, an unwritable output: one line
         sys.exit(f'error: {e}')

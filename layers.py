@@ -159,7 +159,7 @@ def dmol_channel_log_probs(params, target, c, bits=8):
     """log p(x_c = v | x_<c) of every value v of colour c, (B, H, W, 2^bits), in nats: the model's
     joint mixture (dmol_log_prob) read as a chain over the colours, with the mixture weights
     updated by the true earlier colours, p(m | x_<c) ~ pi_m prod_{c' < c} p(x_c' | m). The bin
-    masses are differences of the logistic CDF at the bin edges, a table for all values at once
+    masses are differences of the mixture's CDF at the bin edges, a table for all values at once
     (dmol_log_prob's formula per value is ~10x slower); they agree with dmol_log_prob to float32
     rounding (absolute 1e-7 in a mass: below the coder's 2^-24 resolution), and summed over the
     colours at the true values they telescope to it. Colours >= c of target are never read (a
@@ -185,8 +185,9 @@ def dmol_channel_log_probs(params, target, c, bits=8):
     out = []
     for b in range(len(params)):   # one image at a time: (M, H, W, K) is large
         s = inv_s[b, ..., None]
-        cdf = torch.sigmoid(torch.addcmul(-mean[b, ..., None] * s, s, edges))             # (M, H, W, K + 1)
-        out.append((weights[b, ..., None] * (cdf[..., 1:] - cdf[..., :-1])).sum(0))     # (H, W, K)
+        cdf = torch.addcmul(-mean[b, ..., None] * s, s, edges).sigmoid_()                 # (M, H, W, K + 1)
+        cdf = torch.einsum('mhw,mhwk->hwk', weights[b], cdf)      # the mixture's CDF: mix, then difference
+        out.append(cdf[..., 1:] - cdf[..., :-1])                                       # (H, W, K)
     return torch.log(torch.stack(out).clamp(min=1e-30))
 
 
