@@ -1,20 +1,22 @@
 """
-The attentive VAE's couplings (Apostolopoulou et al., "Deep Attentive Variational Inference",
-ICLR 2022), on top of the very deep VAE backbone in model.py. Facts: ../shared/DESIGN.md section 2.
+The attention of the attentive VAE (Apostolopoulou et al., "Deep Attentive Variational Inference",
+ICLR 2022), as the official code computes it (ifiaposto/Deep_Attentive_VI src/layers/attention.py
+and src/model/variational_layer.py; ../shared/ATTENTIVE.md sections 1.5 to 1.7 and 3). nvae.py
+wires it into the network.
 
 - Depth-wise attention (inter-layer couplings): at every pixel, layer l attends over the contexts
-  of all earlier layers to condition its prior (sec. 2.2), and over encoder features closer to the
-  data to form its posterior (sec. 2.3). Eq. (4): [c_l, s_l, k_l] = T_l(z_{l-1} + c_{l-1}): every
-  layer emits a context c, a query s and a key k.
+  of all earlier layers to condition its prior (DecoderAttention), and over the encoder features
+  closer to the data to form its posterior (EncoderAttention).
 - The non-local block (intra-layer couplings): attention over all positions of one feature map
-  (sec. 2.4, Wang et al. 2018).
-Every attention output enters through a gate initialised to 0, so training starts as the local model.
+  (Wang et al. 2018), in every node of the residual towers.
+Every attention output enters through a gate initialised to 0, so training starts as the NVAE
+baseline.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import WNConv2d, conv, upsample
+from layers import WNConv2d
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -22,17 +24,6 @@ class ChannelNorm(nn.LayerNorm):
 
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class ResidualNorm(nn.Module):
-    """y + GELU(LayerNorm(y)), the normalisation of an attended output and of the own context."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.norm = ChannelNorm(channels)
-
-    def forward(self, y):
-        return y + F.gelu(self.norm(y))
 
 
 def depth_attention(query, keys, values, scale):
@@ -43,116 +34,6 @@ def depth_attention(query, keys, values, scale):
     return (alpha.unsqueeze(2) * values).sum(1), alpha
 
 
-class DepthMemory:
-    """The (LayerNormed) contexts and keys of the layers decoded so far. Entries of a coarser
-    resolution are nearest-upsampled once the decoder reaches a finer one."""
-
-    def __init__(self):
-        self.contexts, self.keys = [], []
-
-    def __len__(self):
-        return len(self.contexts)
-
-    def at(self, res):
-        """Bring every entry to resolution `res` (nearest upsampling, once per resolution)."""
-        if self.contexts and self.contexts[0].shape[-1] != res:
-            self.contexts = [upsample(c, res) for c in self.contexts]
-            self.keys = [upsample(k, res) for k in self.keys]
-        return self
-
-    def add(self, context, key):
-        self.at(context.shape[-1])
-        self.contexts.append(context)
-        self.keys.append(key)
-
-    def stacked(self, res):
-        """-> contexts (B, J, C, res, res), keys (B, J, d, res, res)"""
-        self.at(res)
-        return torch.stack(self.contexts, 1), torch.stack(self.keys, 1)
-
-
-class PriorAttention(nn.Module):
-    """Sec. 2.2. A_l = sum_{j<l} alpha_lj c_j with alpha_lj = softmax_j(a_l s_l . k_j);
-    prior input = norm(c_l) + gamma_l * norm(A_l); a_l starts at 1, the gate gamma_l at 0."""
-
-    def __init__(self, width, key_width, first=False, last=False):
-        super().__init__()
-        if not first:                                 # layer 0 has nothing to attend to
-            self.scale = nn.Parameter(torch.ones(()))     # a_l
-            self.gate = nn.Parameter(torch.zeros(()))     # gamma_l
-            self.norm_attended = ResidualNorm(width)
-        self.norm_context = ResidualNorm(width)
-        if not last:                                  # no layer reads the last layer's entry
-            self.enter_context = ChannelNorm(width)   # c_l and k_l are normalised once, entering the memory
-            self.enter_key = ChannelNorm(key_width)
-
-    def forward(self, context, query, memory, attend=True):
-        """context c_l (B, w, H, W), query s_l (B, d, H, W) -> the prior's input (B, w, H, W)"""
-        prior_in = self.norm_context(context)
-        if attend and len(memory):            # the memory holds layers j < l only: not l's own key
-            contexts, keys = memory.stacked(context.shape[-1])
-            attended, _ = depth_attention(query, keys, contexts, self.scale)
-            prior_in = prior_in + self.gate * self.norm_attended(attended)
-        return prior_in
-
-    def remember(self, memory, context, key):
-        memory.add(self.enter_context(context), self.enter_key(key))
-
-
-class PosteriorAttention(nn.Module):
-    """Sec. 2.3. u_l = W_a e_l + W_b (prior input) takes the place of e_l in the sequence of encoder
-    features e_l, e_{l+1}, ... (closer to the data); B_l = sum_m beta_lm v_m with
-    beta_lm = softmax_m(a'_l r_l . kappa_m), r_l the first d channels of the decoder context;
-    h_l = u_l + gamma'_l norm(B_l); a 3x3 conv on h_l gives the posterior's offsets from the prior."""
-
-    def __init__(self, width, key_width, zdim, res):
-        super().__init__()
-        self.width, self.key_width = width, key_width
-        self.merge_feature = conv(width + key_width, width + key_width, 1)   # W_a
-        self.merge_prior = conv(width, width + key_width, 1)                 # W_b
-        self.scale = nn.Parameter(torch.ones(()))     # a'_l
-        self.gate = nn.Parameter(torch.zeros(()))     # gamma'_l
-        self.norm = ResidualNorm(width)
-        self.delta = conv(width, 2 * zdim, 3 if res > 2 else 1)
-
-    def forward(self, feature, closer, prior_in, context, attend=True):
-        """feature e_l (B, w + d, H, W); closer: (values (B, J, w, H, W), keys (B, J, d, H, W)) of
-        the features closer to the data, or None -> offsets (delta_mean, delta_logsigma) (B, z, H, W)"""
-        u = self.merge_feature(feature) + self.merge_prior(prior_in)      # (B, w + d, H, W)
-        h = u[:, :self.width]
-        if attend:
-            values, keys = u[:, :self.width].unsqueeze(1), u[:, self.width:].unsqueeze(1)
-            if closer is not None:
-                values, keys = torch.cat([values, closer[0]], 1), torch.cat([keys, closer[1]], 1)
-            attended, _ = depth_attention(context[:, :self.key_width], keys, values, self.scale)
-            h = h + self.gate * self.norm(attended)
-        return self.delta(h).chunk(2, 1)
-
-
-class NonLocal(nn.Module):
-    """Sec. 2.4. y = x + gamma * sum_m softmax_m(a q_n . k_m) v_m over all H*W positions of one
-    image; q, k: 1x1 convs to key_width channels, v keeps the channels; a starts at 1, gamma at 0."""
-
-    def __init__(self, channels, key_width):
-        super().__init__()
-        self.query = conv(channels, key_width, 1)
-        self.key = conv(channels, key_width, 1)
-        self.value = conv(channels, channels, 1)
-        self.scale = nn.Parameter(torch.ones(()))
-        self.gate = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q = self.query(x).flatten(2).transpose(1, 2) * self.scale   # (B, HW, k)
-        k = self.key(x).flatten(2).transpose(1, 2)                  # (B, HW, k)
-        v = self.value(x).flatten(2).transpose(1, 2)                # (B, HW, C)
-        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)      # (B, HW, C)
-        return x + self.gate * y.transpose(1, 2).reshape(B, C, H, W)
-
-
-# -----------------------------------------------------------------------------
-# the official attentive VAE's attention (ifiaposto/Deep_Attentive_VI src/layers/attention.py and
-# src/model/variational_layer.py; ../shared/ATTENTIVE.md sections 1.5 to 1.7 and 3), used by nvae.py
 
 def residual_norm(norm, y):
     """R(y) = y + GELU(LayerNorm(y)); official: tfa.activations.gelu, approximate (tanh) by default."""

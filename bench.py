@@ -110,7 +110,6 @@ def measure(preset, batch_size, mode, steps, warmup, device):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    flops = count_flops(model, batch, info, config, dev)
     if compile:
         model.compile()
     losses = []
@@ -139,6 +138,8 @@ def measure(preset, batch_size, mode, steps, warmup, device):
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
+    model.train()
+    flops = count_flops(model, batch, info, config, dev)   # after the peak: its own pass must not set it
     step_s = statistics.median(times)
     peak_f = peak_flops(device, dtype, config['tf32'] and torch.backends.cudnn.allow_tf32)
     return dict(preset=preset, mode=mode, batch=batch_size, step_s=step_s, loss=losses[-1], train_ips=batch_size / step_s,

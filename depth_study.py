@@ -1,16 +1,15 @@
 """
-The depth study: train the local (very deep VAE) and the attentive model at depths 2, 4, 8 and 16
-for a fixed number of steps each, evaluate each on the test split, and print a markdown table:
-this project's version of the attentive VAE paper's depth table (DESIGN.md 2.6: local model,
-L = 2, 4, 8, 16, 30 -> 3.50, 3.26, 3.06, 2.96, 2.91 bits/dim).
+The depth study: train the NVAE baseline (local couplings only) and the attentive VAE at depths 2,
+4, 8 and 16 for a fixed number of steps each, evaluate each on the test split, and print a markdown
+table: this project's version of the attentive VAE paper's depth table (DESIGN.md 2.6: local
+model, L = 2, 4, 8, 16, 30 -> 3.50, 3.26, 3.06, 2.96, 2.91 bits/dim).
 
   python depth_study.py --data_root ../shared/data --steps 200 --out_dir runs/depth
   python depth_study.py --data_root ../shared/data --depths 2 4 --models local --steps 20   # a quick look
 
-Layout: the `cpu` preset's width, latent size and recipe (`attentive_cpu` for the attentive model)
-with all L stochastic layers at one latent scale, 16x16, after one downsample, and L encoder cells
-there (`--enc_blocks 32x1,32d2,16xL --dec_blocks 16xL --post_upsample 2`), as in the paper's depth
-study. The `cpu` preset's own multi-scale layout has 5 resolutions and so no 2- or 4-layer version.
+Models: the official architecture at CPU size, `nvae_cpu` (local) and `attentive_cpu`, with
+`--depth L` stochastic layers at their one latent scale, 16x16, each with its own encoder and
+decoder tower, as in the paper's depth study.
 Each run lives in out_dir/MODEL-dL; a finished run is not trained again (delete its folder to redo it).
 Runs use one thread unless OMP_NUM_THREADS says otherwise: on a shared 2-core machine two threads
 per process made training 10x slower.
@@ -24,11 +23,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PRESET = {'local': 'cpu', 'attentive': 'attentive_cpu'}
-
-
-def layout_flags(depth):
-    return ['--enc_blocks', f'32x1,32d2,16x{depth}', '--dec_blocks', f'16x{depth}', '--post_upsample', '2']
+PRESET = {'local': 'nvae_cpu', 'attentive': 'attentive_cpu'}
 
 
 def run(cmd, log):
@@ -51,7 +46,7 @@ def train_and_evaluate(model, depth, args):
     t0 = time.time()
     if not os.path.exists(ckpt):
         resume = ['--resume'] if glob.glob(os.path.join(out, 'ckpt-*.pt')) else []
-        run(['train.py', '--preset', PRESET[model], *layout_flags(depth), '--max_steps', str(args.steps),
+        run(['train.py', '--preset', PRESET[model], '--depth', str(depth), '--max_steps', str(args.steps),
              '--batch_size', str(args.batch_size), '--data_root', args.data_root, '--no_download',
              '--out_dir', out, '--log_every', '25', '--keep', '1', '--seed', str(args.seed), *resume], log)
     result = os.path.join(out, 'eval.json')

@@ -1,6 +1,7 @@
 """
-The top-down hierarchical VAE: the very deep VAE (Child 2020), the backbone that the attentive VAE
-(attention.py) builds on. Facts: ../shared/DESIGN.md sections 1.1 to 1.6.
+The top-down hierarchical VAE: the very deep VAE (Child 2020), number for number as openai/vdvae.
+Facts: ../shared/DESIGN.md sections 1.1 to 1.6. The official attentive VAE and its NVAE baseline
+are their own network in nvae.py; `build(config)` below makes either.
 
 A bottom-up encoder keeps one activation per resolution; a top-down decoder of stochastic layers
 walks from the coarsest resolution to the image. Layer l reads the decoder state x at its
@@ -16,14 +17,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from attention import ChannelNorm, DepthMemory, NonLocal, PosteriorAttention, PriorAttention
 from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
                     bernoulli_nll, bernoulli_sample, to_uint8, dmol_channel_log_probs, bernoulli_channel_log_probs)
 
 # hyperparameters a config may leave out (names as in the reference code)
 DEFAULTS = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3,
-                no_bias_above=64, bits=8, likelihood='dmol', pad=0, post_upsample=1,
-                key_width=20, nonlocal_res='', nonlocal_width=32, custom_width='')
+                no_bias_above=64, bits=8, likelihood='dmol', pad=0, custom_width='')
 REQUIRED = ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size')
 
 
@@ -70,10 +69,8 @@ def check_layouts(config):
         if mixin is not None and (mixin not in seen or r % mixin):
             raise ValueError(f"dec_blocks '{config['dec_blocks']}': {r}m{mixin} mixes in a resolution not decoded before")
         seen.add(r)
-    if dec[-1][0] * config['post_upsample'] != size:
-        up = f" x post_upsample {config['post_upsample']}" if config['post_upsample'] > 1 else ''
-        raise ValueError(f"dec_blocks '{config['dec_blocks']}' ends at {dec[-1][0]}x{dec[-1][0]}{up}, "
-                         f"not the image size {size}")
+    if dec[-1][0] != size:
+        raise ValueError(f"dec_blocks '{config['dec_blocks']}' ends at {dec[-1][0]}x{dec[-1][0]}, not the image size {size}")
 
 
 def widths(config):
@@ -85,8 +82,6 @@ def widths(config):
         if m is None or int(m[2]) < 1:
             raise ValueError(f"custom_width '{config['custom_width']}': '{item}' is not resolution:width")
         named[int(m[1])] = int(m[2])
-    if named and config['model'] != 'vdvae':
-        raise ValueError('custom_width is a very deep VAE option (the attentive variant has one width)')
     return lambda r: named.get(r, config['width'])
 
 
@@ -123,109 +118,65 @@ def run(module, *args, recompute=False):
 # -----------------------------------------------------------------------------
 # encoder (DESIGN.md 1.3)
 
-def nonlocal_block(config, res, channels):
-    """The attentive VAE's non-local block for a residual cell at `res`, if that resolution is named."""
-    named = {int(r) for r in str(config['nonlocal_res']).split(',') if r.strip()}
-    return NonLocal(channels, config['nonlocal_width']) if res in named else None
-
-
-def key_width(config):
-    return config['key_width'] if config['model'] == 'attentive' else 0
-
-
 class Encoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         w, blocks, W = config['width'], parse_layout(config['enc_blocks'], 'enc'), widths(config)
-        mid, d = int(w * config['bottleneck_multiple']), key_width(config)
-        self.width, self.widths, self.grad_checkpoint = w, W, False
-        self.stem = conv(config['image_channels'], w + d, 3)   # as the reference: `width`, whatever custom_width says
-        self.blocks = nn.ModuleList([Block(W(r), int(W(r) * config['bottleneck_multiple']), W(r) + d, r, down=down,
-                                           scale=math.sqrt(1 / len(blocks)), mixer=nonlocal_block(config, r, mid))
-                                     for r, down in blocks])
+        self.widths, self.grad_checkpoint = W, False
+        self.stem = conv(config['image_channels'], w, 3)   # as the reference: `width`, whatever custom_width says
+        self.blocks = nn.ModuleList([Block(W(r), int(W(r) * config['bottleneck_multiple']), W(r), r, down=down,
+                                           scale=math.sqrt(1 / len(blocks))) for r, down in blocks])
 
     def forward(self, x):
-        """x: (B, C, H, W) normalised image -> {resolution: [every feature there, data -> top]},
-        features (B, w, r, r), plus d key channels in the attentive VAE. The very deep VAE reads
-        the last one at each resolution."""
+        """x: (B, C, H, W) normalised image -> {resolution: its last activation (B, w_r, r, r)}."""
         x = self.stem(x)
-        feats = {x.shape[-1]: [x]}
+        acts = {x.shape[-1]: x}
         for block in self.blocks:
-            x = run(block, x[:, :self.widths(x.shape[-1])], recompute=self.grad_checkpoint)
+            x = run(block, x, recompute=self.grad_checkpoint)
             if x.shape[1] < self.widths(x.shape[-1]):   # into a wider resolution: zero channels (reference pad_channels)
                 x = nn.functional.pad(x, (0, 0, 0, 0, 0, self.widths(x.shape[-1]) - x.shape[1]))
-            feats.setdefault(x.shape[-1], []).append(x)
-        return feats
+            acts[x.shape[-1]] = x
+        return acts
 
 
 # -----------------------------------------------------------------------------
-# decoder (DESIGN.md 1.4; attentive VAE: DESIGN.md 2.2 and 2.3)
+# decoder (DESIGN.md 1.4)
 
 class DecoderLayer(nn.Module):
-    """One stochastic layer at resolution `res`. The attentive layer reads encoder feature `pair`."""
+    """One stochastic layer at resolution `res` (openai/vdvae: DecBlock)."""
 
-    def __init__(self, config, res, mixin, n_layers, pair=0, index=0):
+    def __init__(self, config, res, mixin, n_layers):
         super().__init__()
-        w, z, d = widths(config)(res), config['zdim'], key_width(config)
+        w, z = widths(config)(res), config['zdim']
         mid = int(w * config['bottleneck_multiple'])
-        self.res, self.mixin, self.zdim, self.width, self.pair = res, mixin, z, w, pair
-        self.key_width = d
-        self.attentive = config['model'] == 'attentive'
+        self.res, self.mixin, self.zdim, self.width = res, mixin, z, w
         scale = math.sqrt(1 / n_layers)
-        if self.attentive:
-            self.prior_attention = PriorAttention(w, d, first=index == 0, last=index == n_layers - 1)
-            self.posterior_attention = PosteriorAttention(w, d, z, res)
-        else:
-            self.posterior = Block(2 * w, mid, 2 * z, res, residual=False)
+        self.posterior = Block(2 * w, mid, 2 * z, res, residual=False)
         self.prior = Block(w, mid, 2 * z + w, res, residual=False, zero_last=True)  # starts at N(0, I)
         self.z_proj = conv(z, w, 1)
         with torch.no_grad():
             self.z_proj.weight.mul_(scale)
-        # eq. (4): the attentive layer's cell also emits the next layer's query and key (the last
-        # layer has no key: no layer after it reads one)
-        extra = 0 if not self.attentive else d * ((index < n_layers - 1) + (index < n_layers - 2))
-        self.resblock = Block(w, mid, w + extra, res, scale=scale, mixer=nonlocal_block(config, res, mid))
+        self.resblock = Block(w, mid, w, res, scale=scale)
 
-    def condition(self, x, carry, attend=True):
-        """The prior's input: the state x (local model), or x with the depth-attended contexts of the
-        earlier layers (attentive; x and its key then join the memory)."""
-        if carry is None:
-            return x
-        memory, query, key = carry
-        prior_in = self.prior_attention(x, query if query is None else upsample(query, self.res), memory, attend)
-        if key is not None:
-            self.prior_attention.remember(memory, x, upsample(key, self.res))
-        return prior_in
-
-    def prior_params(self, prior_in, x):
+    def prior_params(self, x):
         """-> prior mean, log-sigma (B, z, r, r) and the state x plus the prior's update"""
-        mean_p, logsig_p, update = self.prior(prior_in).split([self.zdim, self.zdim, self.width], 1)
+        mean_p, logsig_p, update = self.prior(x).split([self.zdim, self.zdim, self.width], 1)
         return mean_p, logsig_p, x + update
 
-    def posterior_params(self, x, prior_in, feats, closer, mean_p, logsig_p, attend=True):
-        if not self.attentive:
-            return self.posterior(torch.cat([x, feats[self.res][-1]], 1)).chunk(2, 1)
-        # residual posterior (NVAE): offsets from the prior
-        d_mean, d_logsig = self.posterior_attention(feats[self.res][self.pair], closer, prior_in, x, attend)
-        return mean_p + d_mean, logsig_p + d_logsig
+    def posterior_params(self, x, acts):
+        """-> posterior mean, log-sigma (B, z, r, r) from the state and the encoder activation"""
+        return self.posterior(torch.cat([x, acts[self.res]], 1)).chunk(2, 1)
 
-    def emit(self, x, z, carry):
-        """x <- resblock(x + z_proj(z)); the attentive cell's extra channels are the next layer's
-        query and key."""
-        out = self.resblock(x + self.z_proj(z))
-        w, d = self.width, out.shape[1] - self.width
-        if d == 0:
-            return out, carry
-        key = out[:, w + d // 2:] if d > self.key_width else None
-        return out[:, :w], (carry[0], out[:, w:w + min(d, self.key_width)], key)
+    def emit(self, x, z):
+        """x <- resblock(x + z_proj(z))"""
+        return self.resblock(x + self.z_proj(z))
 
-    def forward(self, x, feats, carry=None, closer=None, eps=None, z=None, attend=True, sampled_kl=False):
-        """Posterior pass: z_l ~ q (or the given z) -> new state, carry, z, elementwise KL(q || p):
+    def forward(self, x, acts, eps=None, z=None, sampled_kl=False):
+        """Posterior pass: z_l ~ q (or the given z) -> new state, z, elementwise KL(q || p):
         analytic, or with sampled_kl the one-sample log q(z|x) - log p(z) at the drawn z (its
         expectation is the KL; importance weights need it at the z that the likelihood saw)."""
-        prior_in = self.condition(x, carry, attend)
-        mean_p, logsig_p, x_new = self.prior_params(prior_in, x)
-        mean_q, logsig_q = self.posterior_params(x, prior_in, feats, closer, mean_p, logsig_p, attend)
+        mean_p, logsig_p, x_new = self.prior_params(x)
+        mean_q, logsig_q = self.posterior_params(x, acts)
         if z is None:
             z = gaussian_sample(mean_q, logsig_q, eps)
         q, p = (mean_q.float(), logsig_q.float()), (mean_p.float(), logsig_p.float())  # fp32 under autocast
@@ -233,57 +184,27 @@ class DecoderLayer(nn.Module):
             kl = gaussian_log_prob(z.float(), *q) - gaussian_log_prob(z.float(), *p)
         else:
             kl = gaussian_kl(*q, *p)
-        x_new, carry = self.emit(x_new, z, carry)
-        return x_new, carry, z, kl
+        return self.emit(x_new, z), z, kl
 
-    def generate(self, x, carry=None, temperature=1.0, eps=None, z=None, attend=True):
+    def generate(self, x, temperature=1.0, eps=None, z=None):
         """Prior pass: z_l ~ p with sigma multiplied by the temperature, unless z is given."""
-        mean_p, logsig_p, x_new = self.prior_params(self.condition(x, carry, attend), x)
+        mean_p, logsig_p, x_new = self.prior_params(x)
         if z is None:
             eps = torch.randn_like(mean_p) if eps is None else eps
             z = gaussian_sample(mean_p, logsig_p, eps * temperature)
-        x_new, carry = self.emit(x_new, z, carry)
-        return x_new, carry, z
-
-
-def feature_counts(config):
-    """How many encoder features each resolution holds (the stem's output counts at the image size)."""
-    counts = {config['image_size']: 1}
-    for r, down in parse_layout(config['enc_blocks'], 'enc'):
-        out = r // down if down else r
-        counts[out] = counts.get(out, 0) + 1
-    return counts
+        return self.emit(x_new, z), z
 
 
 class Decoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         w, layout = config['width'], parse_layout(config['dec_blocks'], 'dec')
-        self.width, self.out_res = w, layout[-1][0]
-        self.attentive, self.grad_checkpoint = config['model'] == 'attentive', False
-        # the attentive layer i at resolution r reads encoder feature m - 1 - i there (top layers read
-        # the deepest features) and attends over the features closer to the data
-        counts, seen = feature_counts(config), {}
-        layers = []
-        for i, (r, mixin) in enumerate(layout):
-            pair = max(0, counts[r] - 1 - seen.get(r, 0))
-            seen[r] = seen.get(r, 0) + 1
-            layers.append(DecoderLayer(config, r, mixin, len(layout), pair, i))
-        self.layers = nn.ModuleList(layers)
+        self.out_res, self.grad_checkpoint = layout[-1][0], False
+        self.layers = nn.ModuleList([DecoderLayer(config, r, mixin, len(layout)) for r, mixin in layout])
         # learned starting state per resolution (zeros above no_bias_above)
         resolutions = sorted({r for r, _ in layout})
         self.state = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, widths(config)(r), r, r))
                                        for r in resolutions if r <= config['no_bias_above']})
-        if self.attentive:
-            d, r0 = config['key_width'], layout[0][0]
-            self.first_key = nn.Parameter(torch.zeros(1, d, r0, r0))   # layer 0's key: it has no cell before it
-            self.feature_norm = nn.ModuleDict({str(r): nn.ModuleList([ChannelNorm(w), ChannelNorm(d)])
-                                               for r in resolutions})
-        self.post = None
-        if config['post_upsample'] > 1:   # the attentive VAE's postprocess: upsample, one residual cell
-            mid = int(w * config['bottleneck_multiple'])
-            self.post_upsample = config['post_upsample']
-            self.post = Block(w, mid, w, config['image_size'])
         self.gain = nn.Parameter(torch.ones(1, w, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, w, 1, 1))
         out = 10 * config['num_mixtures'] if config['likelihood'] == 'dmol' else config['image_channels']
@@ -299,54 +220,36 @@ class Decoder(nn.Module):
         return x
 
     def start(self, n):
-        """The starting states {resolution: (n, w, r, r)} and the attentive carry (memory, query, key)."""
-        xs = {int(r): s.expand(n, -1, -1, -1) for r, s in self.state.items()}
-        carry = (DepthMemory(), None, self.first_key.expand(n, -1, -1, -1)) if self.attentive else None
-        return xs, carry
-
-    def closer_features(self, feats):
-        """Per layer: the LayerNormed encoder features closer to the data than its own (attentive)."""
-        if not self.attentive:
-            return [None] * len(self.layers)
-        normed = {}
-        for r, fs in feats.items():
-            if str(r) in self.feature_norm:
-                norm_v, norm_k = self.feature_norm[str(r)]
-                f = torch.stack(fs, 1)                                        # (B, m, w + d, r, r)
-                normed[r] = (norm_v(f[:, :, :self.width].flatten(0, 1)).unflatten(0, f.shape[:2]),
-                             norm_k(f[:, :, self.width:].flatten(0, 1)).unflatten(0, f.shape[:2]))
-        return [(normed[l.res][0][:, :l.pair], normed[l.res][1][:, :l.pair]) if l.pair else None
-                for l in self.layers]
+        """The starting states {resolution: (n, w, r, r)}."""
+        return {int(r): s.expand(n, -1, -1, -1) for r, s in self.state.items()}
 
     def output(self, x):
-        """(Postprocess,) final per-channel gain and bias, then the 1x1 likelihood head: (B, out, H, W)."""
-        if self.post is not None:
-            x = self.post(upsample(x, x.shape[-1] * self.post_upsample))
+        """Final per-channel gain and bias, then the 1x1 likelihood head: (B, out, H, W)."""
         return self.head(x * self.gain + self.bias)
 
-    def forward(self, feats, eps=None, latents=None, attend=True, sampled_kl=False):
-        """Posterior pass over encoder features -> head params, per-layer z and KL lists (the KL
+    def forward(self, acts, eps=None, latents=None, sampled_kl=False):
+        """Posterior pass over encoder activations -> head params, per-layer z and KL lists (the KL
         analytic, or sampled at z: see DecoderLayer.forward)."""
-        n = feats[self.out_res][0].shape[0]
-        (xs, carry), zs, kls = self.start(n), [], []
-        for i, (layer, closer) in enumerate(zip(self.layers, self.closer_features(feats))):
-            x = self.layer_input(xs, layer, n, feats[layer.res][0])
+        n = acts[self.out_res].shape[0]
+        xs, zs, kls = self.start(n), [], []
+        for i, layer in enumerate(self.layers):
+            x = self.layer_input(xs, layer, n, acts[layer.res])
             given = latents[i] if latents is not None and i < len(latents) else None
-            xs[layer.res], carry, z, kl = run(layer, x, feats, carry, closer, eps[i] if eps is not None else None,
-                                              given, attend, sampled_kl, recompute=self.grad_checkpoint)
+            xs[layer.res], z, kl = run(layer, x, acts, eps[i] if eps is not None else None, given, sampled_kl,
+                                       recompute=self.grad_checkpoint)
             zs.append(z)
             kls.append(kl)
         return self.output(xs[self.out_res]), zs, kls
 
-    def generate(self, n, temperature=1.0, eps=None, latents=None, attend=True):
+    def generate(self, n, temperature=1.0, eps=None, latents=None):
         """Prior pass: temperature is a number or one per layer; latents, if given, fix z of the
         first len(latents) layers. -> head params (n, out, H, W)."""
-        xs, carry = self.start(n)
+        xs = self.start(n)
         for i, layer in enumerate(self.layers):
             t = temperature[i] if isinstance(temperature, (list, tuple)) else temperature
             x = self.layer_input(xs, layer, n, self.gain)
             given = latents[i] if latents is not None and i < len(latents) else None
-            xs[layer.res], carry, _ = layer.generate(x, carry, t, eps[i] if eps is not None else None, given, attend)
+            xs[layer.res], _ = layer.generate(x, t, eps[i] if eps is not None else None, given)
         return self.output(xs[self.out_res])
 
 
@@ -360,8 +263,11 @@ class VAE(nn.Module):
         if missing:
             raise ValueError(f'model config lacks {missing}')
         self.config = {**DEFAULTS, **config}
-        if self.config['model'] not in ('vdvae', 'attentive'):
-            raise ValueError(f"model must be 'vdvae' or 'attentive', not {self.config['model']!r}")
+        if self.config['model'] == 'attentive':
+            raise ValueError("model 'attentive' (hvae's bottleneck attentive variant) was removed: the attentive "
+                             "VAE is the official one, model 'nvae' (--preset attentive_cifar10, attentive_cpu)")
+        if self.config['model'] != 'vdvae':
+            raise ValueError(f"model must be 'vdvae' (or 'nvae', built by model.build), not {self.config['model']!r}")
         if self.config['likelihood'] not in ('dmol', 'bernoulli'):
             raise ValueError(f"likelihood must be 'dmol' or 'bernoulli', not {self.config['likelihood']!r}")
         check_layouts(self.config)
@@ -370,9 +276,6 @@ class VAE(nn.Module):
 
     def set_grad_checkpoint(self, on=True):
         """Recompute each encoder block and decoder layer in the backward pass (torch.utils.checkpoint)."""
-        if on and self.config['model'] == 'attentive':
-            raise ValueError('--grad_checkpoint is not supported by this attentive variant: its depth memory '
-                             'is filled inside the layers and would be filled twice when they are recomputed')
         self.encoder.grad_checkpoint = self.decoder.grad_checkpoint = on
         return self
 
@@ -413,19 +316,18 @@ class VAE(nn.Module):
         z = pick(l, (mean_p, sigma_p), (mean_q, sigma_q) or None), each (B, z, r, r). x: encoder
         input (B, C, H, W), or None for n images (no posterior). -> head params (B, out, H, W)."""
         dec = self.decoder
-        feats = self.encoder(x) if x is not None else None
+        acts = self.encoder(x) if x is not None else None
         n = len(x) if x is not None else n
-        (xs, carry), closers = dec.start(n), dec.closer_features(feats) if feats is not None else [None] * len(dec.layers)
-        for i, (layer, closer) in enumerate(zip(dec.layers, closers)):
+        xs = dec.start(n)
+        for i, layer in enumerate(dec.layers):
             h = dec.layer_input(xs, layer, n, dec.gain)
-            prior_in = layer.condition(h, carry)
-            mean_p, logsig_p, h_new = layer.prior_params(prior_in, h)
+            mean_p, logsig_p, h_new = layer.prior_params(h)
             posterior = None
-            if feats is not None:
-                mean_q, logsig_q = layer.posterior_params(h, prior_in, feats, closer, mean_p, logsig_p)
+            if acts is not None:
+                mean_q, logsig_q = layer.posterior_params(h, acts)
                 posterior = (mean_q, torch.exp(logsig_q))
             z = pick(i, (mean_p, torch.exp(logsig_p)), posterior)
-            xs[layer.res], carry = layer.emit(h_new, z, carry)
+            xs[layer.res] = layer.emit(h_new, z)
         return dec.output(xs[dec.out_res])
 
     def pixel_log_probs(self, params, x, c):
@@ -481,8 +383,7 @@ from nvae import NVAE, official_attentive_config, load_official_attentive  # noq
 
 
 def build(config):
-    """The network a config names: model 'nvae' -> nvae.NVAE, else the very deep VAE (or the
-    bottleneck attentive variant) -> VAE."""
+    """The network a config names: model 'nvae' -> nvae.NVAE, else the very deep VAE -> VAE."""
     return NVAE(config) if config.get('model') == 'nvae' else VAE(config)
 
 

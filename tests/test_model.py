@@ -587,10 +587,9 @@ def test_grad_checkpoint_keeps_fewer_activations_for_the_backward():
     assert saved(True) < 0.5 * saved(False)
 
 
-def test_grad_checkpoint_is_refused_by_the_bottleneck_attentive_variant():
-    vae = model.VAE({**SMALL, 'model': 'attentive', 'key_width': 4})
-    with pytest.raises(ValueError, match='not supported'):
-        vae.set_grad_checkpoint(True)
+def test_the_removed_bottleneck_attentive_variant_is_refused_naming_the_official_one():
+    with pytest.raises(ValueError, match="removed.*'nvae'"):
+        model.VAE({**SMALL, 'model': 'attentive'})
 
 
 NARROW = dict(SMALL, width=8, custom_width='4:16,1:16')   # the image resolution narrower, as ffhq1024
@@ -601,17 +600,17 @@ def test_custom_width_sets_each_resolutions_channels_with_the_closed_form_count(
     assert n_params(vae) == closed_form_count(NARROW) != closed_form_count(SMALL)
     assert [l.width for l in vae.decoder.layers] == [16, 16, 16, 8, 8]
     assert vae.decoder.state['4'].shape == (1, 16, 4, 4) and vae.decoder.state['8'].shape == (1, 8, 8, 8)
-    feats = vae.encoder(batch(2)[0])
-    assert {r: f[-1].shape[1] for r, f in feats.items()} == {8: 8, 4: 16, 1: 16}
+    acts = vae.encoder(batch(2)[0])
+    assert {r: a.shape[1] for r, a in acts.items()} == {8: 8, 4: 16, 1: 16}
 
 
 def test_custom_width_pads_encoder_channels_with_zeros_and_mixes_in_the_first_coarse_channels():
     vae = small_vae(5, **{k: NARROW[k] for k in ('width', 'custom_width')})
     x, target = batch(2, seed=5)
-    feats = vae.encoder(x)
     b = vae.encoder.blocks
     down = b[2](b[1](b[0](vae.encoder.stem(x))))                               # 8x2, 8d2: 8 channels at 4x4
-    assert torch.equal(feats[4][0][:, :8], down) and not feats[4][0][:, 8:].any()
+    padded = torch.cat([down, torch.zeros_like(down)], 1)                       # zeros to the 16 of 4x4
+    assert torch.equal(vae.encoder(x)[4], b[3](padded))                         # 4x1 reads the padded 16
     xs = {1: torch.randn(2, 16, 1, 1), 4: torch.randn(2, 16, 4, 4)}
     layer = vae.decoder.layers[3]                                               # 8m4: 8 channels
     x8 = vae.decoder.layer_input(xs, layer, 2, x)

@@ -97,7 +97,7 @@ def test_kl_weight_rises_per_epoch_from_0_1_to_1_over_16_epochs():
 
 
 def test_ema_carries_the_batchnorm_running_statistics():
-    config = dict(config_of('--preset', 'attentive_small'))
+    config = dict(config_of('--preset', 'attentive_cpu'))
     torch.manual_seed(0)
     model, ema = build(config), build(config)
     model.train()
@@ -111,7 +111,7 @@ def test_ema_carries_the_batchnorm_running_statistics():
 
 def test_train_step_loss_is_nats_per_image_plus_the_l2_penalty(monkeypatch):
     import copy
-    config = dict(config_of('--preset', 'attentive_small'), flip='')
+    config = dict(config_of('--preset', 'attentive_cpu'), flip='')
     torch.manual_seed(0)
     model = build(config)
     before = copy.deepcopy(model)
@@ -130,7 +130,7 @@ def test_train_step_loss_is_nats_per_image_plus_the_l2_penalty(monkeypatch):
 
 
 def tiny_run(root, out, steps, *extra):
-    train.main(['--preset', 'attentive_small', '--batch_size', '4', '--no_download', '--log_every', '2',
+    train.main(['--preset', 'attentive_cpu', '--batch_size', '4', '--no_download', '--log_every', '2',
                 '--data_root', root, '--out_dir', str(out), '--max_steps', str(steps), *extra])
     return load_checkpoint(train.checkpoint_paths(str(out))[-1])
 
@@ -148,10 +148,10 @@ def test_resume_of_the_official_model_is_exact_batchnorm_statistics_included(fak
 def test_end_to_end_on_real_cifar10_train_sample_evaluate_the_official_model(tmp_path):
     from conftest import real_data, run
     root, out = real_data(), tmp_path / 'run'
-    common = ['--preset', 'attentive_small', '--batch_size', '4', '--no_download', '--log_every', '1',
+    common = ['--preset', 'attentive_cpu', '--batch_size', '4', '--no_download', '--log_every', '1',
               '--data_root', root, '--out_dir', out]
     p = run('train.py', *common, '--max_steps', '2')
-    assert 'model nvae (attentive_small preset): 4 stochastic layers, 373,923 parameters' in p.stdout
+    assert 'model nvae (attentive_cpu preset): 4 stochastic layers, 373,923 parameters' in p.stdout
     assert 'step 2 |' in p.stdout
     ckpt = sorted(out.glob('ckpt-*.pt'))[-1]
     run('sample.py', ckpt, '--n', '2', '--rows', '1', '--out', tmp_path / 's.png', '--scale', '1')
@@ -171,7 +171,7 @@ def test_torchrun_two_processes_keep_one_set_of_batchnorm_statistics(fake_cifar,
     import subprocess
     out = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py',
-           '--preset', 'attentive_small', '--batch_size', '2', '--no_download', '--log_every', '1',
+           '--preset', 'attentive_cpu', '--batch_size', '2', '--no_download', '--log_every', '1',
            '--data_root', fake_cifar, '--out_dir', str(out), '--max_steps', '2']
     p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS='1'))
@@ -187,6 +187,6 @@ def test_torchrun_two_processes_keep_one_set_of_batchnorm_statistics(fake_cifar,
 
 def test_sync_bn_on_cpu_is_a_one_line_error(tmp_path):
     from conftest import error_line, run
-    line = error_line(run('train.py', '--preset', 'attentive_small', '--sync_bn', '--device', 'cpu',
+    line = error_line(run('train.py', '--preset', 'attentive_cpu', '--sync_bn', '--device', 'cpu',
                           '--out_dir', tmp_path / 'o', check=False))
     assert '--sync_bn needs CUDA' in line

@@ -209,3 +209,36 @@ def test_every_preset_builds_in_a_dry_run():
         with torch.device('meta'):
             vae = build(config)
         assert n_layers(vae) >= 1 and config['preset'] == preset
+
+
+def test_step_based_cosine_schedule_and_kl_warmup():
+    config = train.make_config(train.parse_args(['--preset', 'cpu', '--optimizer', 'adamax', '--lr', '1e-2',
+                                                 '--lr_start', '1e-4', '--warmup_epochs', '5', '--lr_schedule', 'cosine',
+                                                 '--lr_min', '1e-4', '--epochs', '400', '--kl_weight_start', '0.1',
+                                                 '--kl_warmup_epochs', '16']))
+    spe = 1125                                       # 45k images / 40 per step
+    assert train.get_lr(0, config, spe) == pytest.approx(1e-4 + (1e-2 - 1e-4) / (5 * spe))
+    assert train.get_lr(5 * spe - 1, config, spe) == pytest.approx(1e-2)
+    middle = 5 * spe + (400 - 5) * spe / 2
+    assert train.get_lr(int(middle), config, spe) == pytest.approx((1e-2 + 1e-4) / 2, rel=1e-3)
+    assert train.get_lr(400 * spe, config, spe) == pytest.approx(1e-4)
+    assert train.get_kl_weight(0, config, spe) == pytest.approx(0.1)
+    assert train.get_kl_weight(8 * spe, config, spe) == pytest.approx(0.55)
+    assert train.get_kl_weight(16 * spe, config, spe) == 1.0
+    assert isinstance(train.make_optimizer(torch.nn.Linear(2, 2), config), torch.optim.Adamax)
+
+
+def test_flips_mirror_whole_images_only():
+    torch.manual_seed(0)
+    batch = torch.arange(64 * 3 * 4 * 4, dtype=torch.int32).reshape(64, 3, 4, 4).to(torch.uint8)
+    out = train.flip(batch, 'hv')
+    kinds = set()
+    for a, b in zip(batch, out):
+        for name, f in (('none', a), ('h', a.flip(2)), ('v', a.flip(1)), ('hv', a.flip(1).flip(2))):
+            if torch.equal(f, b):
+                kinds.add(name)
+                break
+        else:
+            raise AssertionError('an image was not a flip of its input')
+    assert kinds == {'none', 'h', 'v', 'hv'}
+    assert torch.equal(train.flip(batch, ''), batch)
