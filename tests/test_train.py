@@ -242,3 +242,27 @@ def test_flips_mirror_whole_images_only():
             raise AssertionError('an image was not a flip of its input')
     assert kinds == {'none', 'h', 'v', 'hv'}
     assert torch.equal(train.flip(batch, ''), batch)
+
+
+
+IN_HEAP = '''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == 'keep':
+    import train; train.keep_freed_memory()
+x = torch.empty(50 * 2**18)                          # one 50 MB activation
+heap = [line.split()[0].split('-') for line in open('/proc/self/maps') if line.rstrip().endswith('[heap]')]
+print(any(int(a, 16) <= x.data_ptr() < int(b, 16) for a, b in heap))
+'''
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='keep_freed_memory tunes glibc malloc: Linux only')
+def test_keep_freed_memory_puts_large_activations_in_the_reused_heap():
+    """glibc by default gives every block over its mmap threshold a mapping of its own, unmapped on
+    free, so each step's activations fault their pages in afresh; after keep_freed_memory
+    (set_precision calls it) a 50 MB block comes from the heap, which keeps freed memory."""
+    import subprocess
+    run = lambda mode: subprocess.run([sys.executable, '-c', IN_HEAP, str(ROOT), mode],
+                                      capture_output=True, text=True, check=True).stdout.strip()
+    assert run('default') == 'False'
+    assert run('keep') == 'True'
