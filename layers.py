@@ -61,8 +61,9 @@ class Block(nn.Module):
             self.conv4.weight.mul_(scale)
         self.residual, self.down, self.mixer = residual, down, mixer
 
-    def forward(self, x):
-        h = self.conv1(F.gelu(x))
+    def forward(self, x, activated=False):
+        """activated: x is already gelu(input) (a non-residual block whose caller shares the GELU)."""
+        h = self.conv1(x if activated else F.gelu(x))
         if self.mixer is not None:
             h = self.mixer(h)
         h = self.conv2(F.gelu(h))

@@ -15,6 +15,7 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
@@ -158,25 +159,30 @@ class DecoderLayer(nn.Module):
             self.z_proj.weight.mul_(scale)
         self.resblock = Block(w, mid, w, res, scale=scale)
 
-    def prior_params(self, x):
-        """-> prior mean, log-sigma (B, z, r, r) and the state x plus the prior's update"""
-        mean_p, logsig_p, update = self.prior(x).split([self.zdim, self.zdim, self.width], 1)
+    def prior_params(self, x, x_act=None):
+        """-> prior mean, log-sigma (B, z, r, r) and the state x plus the prior's update.
+        x_act: gelu(x), when the caller has it (the posterior reads it too)."""
+        x_act = F.gelu(x) if x_act is None else x_act
+        mean_p, logsig_p, update = self.prior(x_act, activated=True).split([self.zdim, self.zdim, self.width], 1)
         return mean_p, logsig_p, x + update
 
-    def posterior_params(self, x, acts):
-        """-> posterior mean, log-sigma (B, z, r, r) from the state and the encoder activation"""
-        return self.posterior(torch.cat([x, acts[self.res]], 1)).chunk(2, 1)
+    def posterior_params(self, x_act, acts_act):
+        """-> posterior mean, log-sigma (B, z, r, r) from gelu(state) and {res: gelu(encoder
+        activation)}: gelu(cat[x, a]) = cat[gelu x, gelu a], one GELU shared with the prior and one
+        per resolution shared by its layers (same numbers as the reference, less work)"""
+        return self.posterior(torch.cat([x_act, acts_act[self.res]], 1), activated=True).chunk(2, 1)
 
     def emit(self, x, z):
         """x <- resblock(x + z_proj(z))"""
         return self.resblock(x + self.z_proj(z))
 
-    def forward(self, x, acts, eps=None, z=None, sampled_kl=False):
-        """Posterior pass: z_l ~ q (or the given z) -> new state, z, elementwise KL(q || p):
-        analytic, or with sampled_kl the one-sample log q(z|x) - log p(z) at the drawn z (its
+    def forward(self, x, acts_act, eps=None, z=None, sampled_kl=False):
+        """Posterior pass, acts_act = Decoder.activated(acts): z_l ~ q (or the given z) -> new
+        state, z, elementwise KL(q || p): analytic, or with sampled_kl the one-sample log q(z|x) - log p(z) at the drawn z (its
         expectation is the KL; importance weights need it at the z that the likelihood saw)."""
-        mean_p, logsig_p, x_new = self.prior_params(x)
-        mean_q, logsig_q = self.posterior_params(x, acts)
+        x_act = F.gelu(x)
+        mean_p, logsig_p, x_new = self.prior_params(x, x_act)
+        mean_q, logsig_q = self.posterior_params(x_act, acts_act)
         if z is None:
             z = gaussian_sample(mean_q, logsig_q, eps)
         q, p = (mean_q.float(), logsig_q.float()), (mean_p.float(), logsig_p.float())  # fp32 under autocast
@@ -219,6 +225,10 @@ class Decoder(nn.Module):
             x = x + upsample(xs[layer.mixin][:, :layer.width], layer.res)
         return x
 
+    def activated(self, acts):
+        """{res: gelu(encoder activation)}: the posteriors' first GELU, once per resolution, not per layer."""
+        return {r: F.gelu(acts[r]) for r in {layer.res for layer in self.layers}}
+
     def start(self, n):
         """The starting states {resolution: (n, w, r, r)}."""
         return {int(r): s.expand(n, -1, -1, -1) for r, s in self.state.items()}
@@ -231,11 +241,11 @@ class Decoder(nn.Module):
         """Posterior pass over encoder activations -> head params, per-layer z and KL lists (the KL
         analytic, or sampled at z: see DecoderLayer.forward)."""
         n = acts[self.out_res].shape[0]
-        xs, zs, kls = self.start(n), [], []
+        xs, zs, kls, acts_act = self.start(n), [], [], self.activated(acts)
         for i, layer in enumerate(self.layers):
             x = self.layer_input(xs, layer, n, acts[layer.res])
             given = latents[i] if latents is not None and i < len(latents) else None
-            xs[layer.res], z, kl = run(layer, x, acts, eps[i] if eps is not None else None, given, sampled_kl,
+            xs[layer.res], z, kl = run(layer, x, acts_act, eps[i] if eps is not None else None, given, sampled_kl,
                                        recompute=self.grad_checkpoint)
             zs.append(z)
             kls.append(kl)
@@ -316,15 +326,16 @@ class VAE(nn.Module):
         z = pick(l, (mean_p, sigma_p), (mean_q, sigma_q) or None), each (B, z, r, r). x: encoder
         input (B, C, H, W), or None for n images (no posterior). -> head params (B, out, H, W)."""
         dec = self.decoder
-        acts = self.encoder(x) if x is not None else None
+        acts_act = dec.activated(self.encoder(x)) if x is not None else None
         n = len(x) if x is not None else n
         xs = dec.start(n)
         for i, layer in enumerate(dec.layers):
             h = dec.layer_input(xs, layer, n, dec.gain)
-            mean_p, logsig_p, h_new = layer.prior_params(h)
+            h_act = F.gelu(h)
+            mean_p, logsig_p, h_new = layer.prior_params(h, h_act)
             posterior = None
-            if acts is not None:
-                mean_q, logsig_q = layer.posterior_params(h, acts)
+            if acts_act is not None:
+                mean_q, logsig_q = layer.posterior_params(h_act, acts_act)
                 posterior = (mean_q, torch.exp(logsig_q))
             z = pick(i, (mean_p, torch.exp(logsig_p)), posterior)
             xs[layer.res] = layer.emit(h_new, z)

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import layers
@@ -304,9 +305,27 @@ def test_each_posterior_reads_the_last_encoder_activation_at_its_resolution():
     # encoder blocks 8, 8, 8d2 -> 4, 4, 4d4 -> 1, 1: the last at 8, 4 and 1 are blocks 1, 3 and 5
     last = {8: outputs[1], 4: outputs[3], 1: outputs[5]}
     assert [tuple(o.shape[1:]) for o in outputs] == [(16, 8, 8), (16, 8, 8), (16, 4, 4), (16, 4, 4), (16, 1, 1), (16, 1, 1)]
-    for k, layer in enumerate(vae.decoder.layers):                    # posterior input: cat[state, activation]
+    for k, layer in enumerate(vae.decoder.layers):    # posterior input: gelu(cat[state, activation]), activated
         assert reads[k].shape == (2, 32, layer.res, layer.res)
-        assert torch.equal(reads[k][:, 16:], last[layer.res]), k
+        assert torch.equal(reads[k][:, 16:], F.gelu(last[layer.res])), k
+
+
+def test_shared_gelu_gives_the_blocks_own_numbers():
+    """The layer activates the state once for prior and posterior, and the decoder each encoder
+    activation once per resolution: the same as each block applying gelu to its own input."""
+    torch.manual_seed(0)
+    vae = small_vae()
+    layer = vae.decoder.layers[3]
+    x, a = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    for p in layer.prior.parameters():
+        nn.init.normal_(p)   # the prior's last conv starts at zero
+    mean_p, logsig_p, x_new = layer.prior_params(x, F.gelu(x))
+    plain = layer.prior(x)
+    assert torch.allclose(torch.cat([mean_p, logsig_p, x_new - x], 1), plain, rtol=1e-6, atol=1e-6)
+    mean_q, logsig_q = layer.posterior_params(F.gelu(x), vae.decoder.activated({8: a, 4: a[..., :4, :4], 1: a[..., :1, :1]}))
+    assert torch.allclose(torch.cat([mean_q, logsig_q], 1), layer.posterior(torch.cat([x, a], 1)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(KeyError):
+        layer.posterior_params(F.gelu(x), {4: a})   # no activation at the layer's resolution
 
 
 def test_mixin_layers_add_the_nearest_upsampled_coarser_state():
