@@ -25,6 +25,11 @@ core (the `some` line of /proc/pressure/cpu, read before and after the row). Any
 on the machine shows there; a row above 5% is marked as not to be trusted. `--against DIR` runs
 each row also with the bench.py of another checkout (say, the commit before a change), alternating
 the two, so that a before/after comparison is taken in one run under the same conditions.
+This machine's speed also drifts by 20-40% between processes and minutes in ways that pressure does
+not show (other tenants of the host); `--interleave` builds every mode of a preset in one process
+and times their steps in turns, so that the ratio column (the median over rounds) holds anyway:
+
+  python bench.py --interleave --presets cpu --batch_size 32 --modes fp32 compile --steps 20 --warmup 3
 """
 import argparse
 import json
@@ -76,6 +81,11 @@ def cpu_pressure():
         return None
 
 
+def busy(wait):
+    """The CPU-wait cell: a row that waited for a core over 5% of its time is not a figure."""
+    return '-' if wait is None else f'{100 * wait:.1f}%' + (' (busy: not a figure)' if wait > 0.05 else '')
+
+
 def run_row(code_dir, preset, mode, args):
     """One row in its own process, with `code_dir`'s bench.py -> (figures or None, error, CPU wait share)."""
     cmd = [sys.executable, os.path.join(code_dir, 'bench.py'), '--row', f'{preset}:{mode}',
@@ -90,8 +100,8 @@ def run_row(code_dir, preset, mode, args):
     return json.loads(done.stdout.splitlines()[-1]), '', wait
 
 
-def measure(preset, batch_size, mode, steps, warmup, device):
-    """One row, in this process -> dict of figures."""
+def prepare(preset, batch_size, mode, device):
+    """Model, optimizer and synthetic batch of one row -> (step function, model, config, batch, info, device)."""
     dtype, compile, channels_last, grad_checkpoint = parse_mode(mode)
     flags = ['--preset', preset, '--batch_size', str(batch_size), '--dtype', dtype]
     flags += ['--no_tf32'] * ('notf32' in mode.split('+'))
@@ -109,22 +119,31 @@ def measure(preset, batch_size, mode, steps, warmup, device):
     info = dict(binary=config['likelihood'] == 'bernoulli', shift=-127.5, scale=1 / 64)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     if compile:
         model.compile()
-    losses = []
-    step = lambda: losses.append(train.train_step(model, optimizer, batch, info, config, scaler=scaler)[0]['elbo'])
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
 
+    def step():
+        """One training step, synchronised -> its training loss (nats/dim)."""
+        loss = train.train_step(model, optimizer, batch, info, config, scaler=scaler)[0]['elbo']
+        sync()
+        return loss
+    return step, model, config, batch, info, dev
+
+
+def measure(preset, batch_size, mode, steps, warmup, device):
+    """One row, in this process -> dict of figures."""
+    step, model, config, batch, info, dev = prepare(preset, batch_size, mode, device)
+    dtype, sync = config['dtype'], torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    losses = []
     t0 = time.perf_counter()
     for _ in range(warmup):
-        step()
-    sync()
+        losses.append(step())
     warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
-        sync()
+        losses.append(step())
         times.append(time.perf_counter() - t0)
     model.eval()
     sample_times = []
@@ -146,6 +165,28 @@ def measure(preset, batch_size, mode, steps, warmup, device):
                 sample_ips=batch_size / statistics.median(sample_times[1:]), warmup_s=warmup_s, peak_gib=peak,
                 tflops=flops / step_s / 1e12, mfu=flops / step_s / peak_f if peak_f else None,
                 params=sum(p.numel() for p in model.parameters()))
+
+
+def interleave(preset, batch_size, modes, steps, warmup, device):
+    """Every mode's model in this one process, their timed steps taken in turns (the order rotated
+    each round): a slow stretch of the machine then slows every mode alike. -> per mode: median
+    images/s, the median over rounds of its speed against the first mode's, and its warm-up s."""
+    runs = [prepare(preset, batch_size, mode, device)[0] for mode in modes]
+    warmup_s = []
+    for step in runs:
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        warmup_s.append(time.perf_counter() - t0)
+    times = [[] for _ in modes]
+    for k in range(steps):
+        for i in (list(range(len(modes)))[k % len(modes):] + list(range(len(modes)))[:k % len(modes)]):
+            t0 = time.perf_counter()
+            runs[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [dict(mode=mode, train_ips=batch_size / statistics.median(t), warmup_s=w,
+                 ratio=statistics.median(b / a for a, b in zip(t, times[0])))
+            for mode, t, w in zip(modes, times, warmup_s)]
 
 
 def activation_gib(preset, batch_size=1):
@@ -201,6 +242,8 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--against', nargs='*', default=[], metavar='DIR',
                    help='other checkouts whose bench.py also runs every row (before/after in one run)')
+    p.add_argument('--interleave', action='store_true',
+                   help="each preset's modes in one process, steps in turns: ratios that hold on a noisy machine")
     p.add_argument('--activations', action='store_true',
                    help='only count each preset\'s activation memory per batch on the meta device (instant)')
     p.add_argument('--row', help=argparse.SUPPRESS)   # internal: run one row and print it as JSON
@@ -215,6 +258,9 @@ def main():
                 params = sum(p.numel() for p in build(train.make_config(train.parse_args(['--preset', preset]))).parameters())
             plain, ckpt = activation_gib(preset, args.batch_size)
             print(f'| {preset} | {params:,} | {plain:.2f} GiB | {ckpt:.2f} GiB |', flush=True)
+        return
+    if args.interleave:
+        print_interleaved(args)
         return
     if args.row:
         preset, mode = args.row.split(':')
@@ -233,15 +279,32 @@ def main():
         for mode in args.modes:
             for name, code_dir in (codes if len(codes) == 1 else codes[::-1] + codes):   # A B B A when comparing
                 r, error, wait = run_row(code_dir, preset, mode, args)
-                busy = '-' if wait is None else f'{100 * wait:.1f}%' + (' (busy: not a figure)' if wait > 0.05 else '')
                 if r is None:
-                    print(f'| {preset} | {mode} | {name} | failed: {error} ||||||||| {busy} |', flush=True)
+                    print(f'| {preset} | {mode} | {name} | failed: {error} ||||||||| {busy(wait)} |', flush=True)
                     continue
                 base = base or r['train_ips']
                 mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] else '-'
                 print(f"| {preset} | {mode} | {name} | {r['params']:,} | {r['train_ips']:.2f} | {r['train_ips'] / base:.2f}x | "
                       f"{r['sample_ips']:.1f} | {r['peak_gib']:.2f} | {r['tflops']:.3f} | {mfu} | {r['warmup_s']:.1f} "
-                      f"| {r.get('loss', float('nan')):.4f} | {busy} |", flush=True)
+                      f"| {r.get('loss', float('nan')):.4f} | {busy(wait)} |", flush=True)
+
+
+def print_interleaved(args):
+    if args.against or any('notf32' in m.split('+') for m in args.modes):
+        raise SystemExit('--interleave compares modes of this checkout in one process: not with --against (a '
+                         'process per checkout) nor notf32 (a setting of the whole process)')
+    print(f'torch {torch.__version__}, {args.device}, batch {args.batch_size}, {args.steps} rounds of one step '
+          f'per mode, after {args.warmup} warm-up steps each; ratio: median over rounds')
+    print('| preset | mode | train img/s | vs first mode | warm-up s | CPU wait |')
+    print('|---|---|---|---|---|---|')
+    for preset in args.presets:
+        p0, t0 = cpu_pressure(), time.perf_counter()
+        rows = interleave(preset, args.batch_size, args.modes, args.steps, args.warmup, args.device)
+        p1, wall = cpu_pressure(), time.perf_counter() - t0
+        wait = (p1 - p0) / 1e6 / wall if p0 is not None and p1 is not None else None
+        for r in rows:
+            print(f"| {preset} | {r['mode']} | {r['train_ips']:.2f} | {r['ratio']:.3f}x | {r['warmup_s']:.1f} | {busy(wait)} |",
+                  flush=True)
 
 
 if __name__ == '__main__':

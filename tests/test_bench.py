@@ -2,6 +2,7 @@
 code in the same invocation (the before/after comparison the README's speed figures come from)."""
 import os
 import subprocess
+import time
 
 import bench
 import train
@@ -53,4 +54,31 @@ def test_ffhq1024_is_narrowed_as_the_reference_and_its_activations_fit_a_gpu():
     plain, ckpt = bench.activation_gib('ffhq1024')
     assert 10 < plain < 12 and 2.5 < ckpt < 3.5
     cifar_plain, cifar_ckpt = bench.activation_gib('cifar10', 16)
-    assert 8 < cifar_plain < 10 and cifar_ckpt < cifar_plain / 3   # with weights and optimiser: the 11 GiB peak at batch 16
+    assert 7 < cifar_plain < 9 and cifar_ckpt < cifar_plain / 3   # with weights and optimiser: the 11 GiB peak at batch 16
+
+
+def test_interleave_takes_the_modes_steps_in_turns_and_rates_them_against_the_first(monkeypatch):
+    """One process, the order of the modes rotated each round; a mode twice as slow is 0.5x."""
+    calls = []
+
+    def fake_prepare(preset, batch_size, mode, device):
+        def step():
+            calls.append(mode)
+            time.sleep({'a': 0.01, 'b': 0.02, 'c': 0.01}[mode])
+        return step, None, None, None, None, None
+    monkeypatch.setattr(bench, 'prepare', fake_prepare)
+    rows = bench.interleave('cpu', 4, ['a', 'b', 'c'], steps=3, warmup=1, device='cpu')
+    assert calls == ['a', 'b', 'c'] + ['a', 'b', 'c', 'b', 'c', 'a', 'c', 'a', 'b']   # warm-up, then rotated rounds
+    ratio = {r['mode']: r['ratio'] for r in rows}
+    assert ratio['a'] == 1.0 and 0.3 < ratio['b'] < 0.7 and 0.6 < ratio['c'] < 1.6
+    assert 100 < rows[0]['train_ips'] < 400                                # 4 images in ~10 ms
+
+
+def test_interleave_runs_real_modes_and_refuses_what_one_process_cannot_compare():
+    p = run('bench.py', '--interleave', '--presets', 'cpu', '--modes', 'fp32', 'cl', '--batch_size', '2',
+            '--steps', '2', '--warmup', '0')
+    rows = [[c.strip() for c in l.strip('|').split('|')] for l in p.stdout.splitlines() if l.startswith('| cpu |')]
+    assert [r[1] for r in rows] == ['fp32', 'cl'] and rows[0][3] == '1.000x' and float(rows[1][2]) > 0
+    for bad in (['--against', str(ROOT)], ['--modes', 'fp32', 'fp32+notf32']):
+        p = run('bench.py', '--interleave', '--presets', 'cpu', *bad, check=False)
+        assert p.returncode != 0 and '--interleave compares modes' in p.stderr
