@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nvae  # noqa: E402
-from attention import DecoderAttention, EncoderAttention, NonLocalBlock, depth_attention  # noqa: E402
+from attention import DecoderAttention, EncoderAttention, NonLocalBlock, attend, depth_attention  # noqa: E402
 from conftest import DATA  # noqa: E402
 from layers import FactorizedReduce, WNConv2d, tf_same_pad  # noqa: E402
 
@@ -454,6 +454,20 @@ def test_non_local_block_is_a_permutation_equivariant_residual():
     with torch.no_grad():
         block.gamma.zero_()
     torch.testing.assert_close(block(x), x)
+
+
+def test_attend_on_cpu_gives_sdpas_numbers_and_gradients():
+    # the plain product replaces SDPA on CPU for speed only: same values, same gradients
+    torch.manual_seed(0)
+    qkv = [torch.randn(3, 64, w, dtype=torch.float64, requires_grad=True) for w in (4, 4, 6)]
+    ours, theirs = attend(*qkv), F.scaled_dot_product_attention(*qkv, scale=1.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, qkv, g), torch.autograd.grad(theirs, qkv, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # no 1/sqrt(d): the weights are softmax(q . k)
+    q, k = qkv[0].detach()[:1, :1], qkv[1].detach()[:1]
+    torch.testing.assert_close(attend(q, k, torch.eye(64, dtype=torch.float64)[None]), torch.softmax(q @ k.mT, -1))
 
 
 def test_sample_and_posterior_latents_keep_their_contracts():
