@@ -100,6 +100,11 @@ def run_row(code_dir, preset, mode, args):
     return json.loads(done.stdout.splitlines()[-1]), '', wait
 
 
+def synchronize(device):
+    if device.type == 'cuda':   # CUDA runs asynchronously: wait for the step before reading the clock
+        torch.cuda.synchronize(device)
+
+
 def prepare(preset, batch_size, mode, device):
     """Model, optimizer and synthetic batch of one row -> (step function, model, config, batch, info, device)."""
     dtype, compile, channels_last, grad_checkpoint = parse_mode(mode)
@@ -121,12 +126,11 @@ def prepare(preset, batch_size, mode, device):
         model = model.to(memory_format=torch.channels_last)
     if compile:
         model.compile()
-    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
 
     def step():
         """One training step, synchronised -> its training loss (nats/dim)."""
         loss = train.train_step(model, optimizer, batch, info, config, scaler=scaler)[0]['elbo']
-        sync()
+        synchronize(dev)
         return loss
     return step, model, config, batch, info, dev
 
@@ -134,7 +138,6 @@ def prepare(preset, batch_size, mode, device):
 def measure(preset, batch_size, mode, steps, warmup, device):
     """One row, in this process -> dict of figures."""
     step, model, config, batch, info, dev = prepare(preset, batch_size, mode, device)
-    dtype, sync = config['dtype'], torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     losses = []
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -151,7 +154,7 @@ def measure(preset, batch_size, mode, steps, warmup, device):
         for _ in range(3):   # the first draw warms up
             t0 = time.perf_counter()
             model.sample(batch_size)
-            sync()
+            synchronize(dev)
             sample_times.append(time.perf_counter() - t0)
     if dev.type == 'cuda':
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -160,7 +163,7 @@ def measure(preset, batch_size, mode, steps, warmup, device):
     model.train()
     flops = count_flops(model, batch, info, config, dev)   # after the peak: its own pass must not set it
     step_s = statistics.median(times)
-    peak_f = peak_flops(device, dtype, config['tf32'] and torch.backends.cudnn.allow_tf32)
+    peak_f = peak_flops(device, config['dtype'], config['tf32'] and torch.backends.cudnn.allow_tf32)
     return dict(preset=preset, mode=mode, batch=batch_size, step_s=step_s, loss=losses[-1], train_ips=batch_size / step_s,
                 sample_ips=batch_size / statistics.median(sample_times[1:]), warmup_s=warmup_s, peak_gib=peak,
                 tflops=flops / step_s / 1e12, mfu=flops / step_s / peak_f if peak_f else None,
