@@ -792,6 +792,8 @@ def main(argv=None):
         if done:
             break
     if dist.is_initialized():
+        dist.barrier()       # rank 0's checkpoint is written, no collective in flight: tear down together
+        run.ddp = None       # DDP holds the group: let it go with it, not at interpreter exit
         dist.destroy_process_group()
     return run.model
 
