@@ -239,6 +239,25 @@ def test_weight_norm_kernel_is_direction_over_its_norm_times_exp_log_gain_and_st
     assert big.v.abs().max() > 0.95 * math.sqrt(0.99 / 576)
 
 
+def test_fused_weight_norm_and_l2_penalty_have_the_plain_formulas_gradients():
+    torch.manual_seed(0)
+    conv = WNConv2d(5, 7, 3).double()
+    g = torch.randn(7, 5, 3, 3, dtype=torch.float64)
+    fused = torch.autograd.grad((conv.kernel() * g).sum(), (conv.v, conv.log_g))
+    v = conv.v
+    plain = v * torch.rsqrt((v ** 2).sum((1, 2, 3), keepdim=True)) * torch.exp(conv.log_g).view(-1, 1, 1, 1)
+    for a, b in zip(fused, torch.autograd.grad((plain * g).sum(), (conv.v, conv.log_g))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the penalty's one autograd node: value and gradient of sum_k lambda_k sum(w_k^2)
+    weights = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((3, 4), (5,), ())]
+    lambdas = [0.3, 2e-4, 1.5]
+    ours = nvae.L2Penalty.apply(lambdas, *weights)
+    theirs = sum(lam * (w ** 2).sum() for lam, w in zip(lambdas, weights))
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    for a, b in zip(torch.autograd.grad(3 * ours, weights), torch.autograd.grad(3 * theirs, weights)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_tf_same_padding_at_stride_2_pads_nothing_before_and_one_after():
     x = torch.arange(16.).view(1, 1, 4, 4)
     p = tf_same_pad(x, 3, 2)
