@@ -473,8 +473,10 @@ class L2Penalty(torch.autograd.Function):
     def forward(ctx, lambdas, *weights):
         ctx.lambdas = lambdas
         ctx.save_for_backward(*weights)
-        squares = torch.stack(torch._foreach_norm(weights)) ** 2                 # (K,) sum(w_k^2)
-        return (squares * squares.new_tensor(lambdas)).sum()
+        norms = torch._foreach_norm(weights)                                      # ||w_k||
+        terms = torch._foreach_mul(norms, norms)
+        torch._foreach_mul_(terms, lambdas)                # Python scalars: no host-to-device copy
+        return torch.stack(terms).sum()
 
     @staticmethod
     def backward(ctx, grad):
