@@ -244,22 +244,27 @@ class KerasAdamax(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            beta1, beta2 = group['betas']
-            params = [p for p in group['params'] if p.grad is not None]
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(step=0, m=torch.zeros_like(p), u=torch.zeros_like(p))
-                self.state[p]['step'] += 1
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            m, u = [self.state[p]['m'] for p in params], [self.state[p]['u'] for p in params]
-            # one fused call per operation over all tensors (the same numbers as a loop per tensor)
-            torch._foreach_lerp_(m, grads, 1 - beta1)
-            torch._foreach_mul_(u, beta2)
-            torch._foreach_maximum_(u, torch._foreach_abs(grads))
-            step = self.state[params[0]]['step']
-            torch._foreach_addcdiv_(params, m, torch._foreach_add(u, group['eps']), value=-group['lr'] / (1 - beta1 ** step))
+            by_step = {}   # a tensor that once had no gradient keeps its own step count
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), u=torch.zeros_like(p))
+                state['step'] += 1
+                by_step.setdefault(state['step'], []).append(p)
+            for step, params in by_step.items():
+                self.update(params, step, group)
+
+    def update(self, params, step, group):
+        """One fused call per operation over all tensors: the same numbers as a loop per tensor."""
+        beta1, beta2 = group['betas']
+        grads = [p.grad for p in params]
+        m, u = [self.state[p]['m'] for p in params], [self.state[p]['u'] for p in params]
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(u, beta2)
+        torch._foreach_maximum_(u, torch._foreach_abs(grads))
+        torch._foreach_addcdiv_(params, m, torch._foreach_add(u, group['eps']), value=-group['lr'] / (1 - beta1 ** step))
 
 
 def make_optimizer(model, config):

@@ -64,6 +64,27 @@ def test_keras_adamax_steps_follow_the_update_formula_with_epsilon_outside_the_m
     assert abs(float((ours - theirs)[1].detach())) > 1e-6
 
 
+def test_keras_adamax_keeps_each_tensors_step_count_when_one_misses_a_gradient():
+    # the fused update groups tensors by step count: a tensor that had no gradient once is corrected
+    # with its own 1 - beta1^t, as a loop over tensors would
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = train.KerasAdamax([a, b], lr=0.1, eps=1e-3)
+    alone = [torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())]
+    solo = [train.KerasAdamax([p], lr=0.1, eps=1e-3) for p in alone]
+    grads = [(torch.randn(3), torch.randn(2)), (torch.randn(3), None), (torch.randn(3), torch.randn(2))]
+    for ga, gb in grads:
+        a.grad, b.grad = ga, gb
+        opt.step()
+        for p, o, g in zip(alone, solo, (ga, gb)):
+            if g is not None:
+                p.grad = g
+                o.step()
+    assert opt.state[a]['step'] == 3 and opt.state[b]['step'] == 2
+    torch.testing.assert_close(a.detach(), alone[0].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(b.detach(), alone[1].detach(), rtol=0, atol=0)
+
+
 def test_cosine_warmup_learning_rate_at_named_epochs():
     c = config_of('--preset', 'attentive_cifar10')          # hvae step s is the official global step s + 1
     assert train.get_lr(0, c) == pytest.approx(1e-4 + (1 / 1560) * (1e-2 - 1e-4))
