@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import data
-from model import load_checkpoint, model_from_checkpoint, model_inputs
+from model import get_device, load_checkpoint, model_from_checkpoint, model_inputs
 
 try:
     import constriction
@@ -512,6 +512,7 @@ def negative_elbo_bits(codec, images):
 
 def measure(codec, ckpt, args):
     info = data.load_dataset(args.dataset, args.data_root or codec.config['data_root'], codec.config['image_size'], False)
+    data.check_fits(info, codec.config, args.dataset)
     split = info[args.split]
     if len(split) < args.n:
         raise ValueError(f'--n {args.n}: the {args.split} split holds {len(split)} images')
@@ -591,13 +592,34 @@ def parse_args(argv=None):
         raise ValueError('give images to compress, --decompress FILE, or --dataset to measure (exactly one)')
     if args.inputs and not args.out:
         raise ValueError('-o out.hvz is required when compressing')
-    if args.inputs and not Path(args.out).resolve().parent.is_dir():
-        raise ValueError(f'{args.out}: its folder does not exist')
     if args.decompress and not args.out:
         raise ValueError('-o FOLDER is required with --decompress')
+    if args.out and not args.decompress:
+        check_out_file(args.out, args.inputs)
+    if args.decompress and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f'-o {args.out} is a file; with --decompress -o names the folder for the PNGs')
     if args.batch_size < 1 or args.borrow < 1 or args.n < 1:
         raise ValueError('--batch_size, --borrow and --n must be at least 1')
+    args.device = get_device(args.device)
     return args
+
+
+def refuse_existing(path):
+    """Never a lost file: as gzip without -f, an output that exists is not replaced."""
+    if os.path.lexists(path):
+        raise ValueError(f'{path} already exists: remove it or choose another -o')
+
+
+def check_out_file(out, inputs):
+    """The .hvz to write: in an existing folder, not a folder, not one of the inputs, not there yet."""
+    path = Path(out)
+    if not path.resolve().parent.is_dir():
+        raise ValueError(f'{out}: its folder does not exist')
+    if path.is_dir():
+        raise ValueError(f'-o {out} is a folder; -o names the .hvz file to write')
+    if path.exists() and any(Path(p).exists() and os.path.samefile(path, p) for p in inputs):
+        raise ValueError(f'-o {out} is one of the inputs; choose another -o')
+    refuse_existing(path)
 
 
 def make_codec(args, norm=None):
@@ -615,10 +637,12 @@ def main(argv=None):
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if args.decompress:
         header, payload = read_file(args.decompress)
+        out = Path(args.out)
+        for im in header['images']:   # before any decoding
+            refuse_existing(out / safe_name(im['name']))
         codec, _ = make_codec(args, header['norm'])   # the encoder's input normalisation
         t = time.perf_counter()
         images = decompress(codec, header, payload, args.decompress)
-        out = Path(args.out)
         for name, pixels, mode in images:
             write_image(pixels, mode, out / safe_name(name))
         print(f'wrote {len(images)} PNGs to {out} ({len(images) / (time.perf_counter() - t):.1f} images/s)')

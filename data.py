@@ -348,6 +348,16 @@ def load_run_dataset(config, record=None, download=False):
     return load_dataset(config['dataset'], config['data_root'], config['image_size'], download, record,
                         config.get('folders', ''))
 
+def check_fits(info, config, name):
+    # the model's input against the dataset's images, in one line before any work: a model of
+    # another preset would fail deep inside a convolution, or score 0/1 pixels as colour levels
+    S, pad, binary = config['image_size'], config['pad'], config['likelihood'] == 'bernoulli'
+    want, got = (config['image_channels'], S - 2 * pad, S - 2 * pad), tuple(info['test'].shape[1:])
+    if got != want or info['binary'] != binary:
+        kind = lambda shape, b: 'x'.join(map(str, shape)) + (' binary' if b else '')
+        raise ValueError(f"{name} images are {kind(got, info['binary'])}, the model takes {kind(want, binary)} "
+                         "(image_channels x image_size - 2 pad, likelihood): use the dataset's preset")
+
 def dataset_record(info, data_root):
     # what a checkpoint keeps of its data: the input normalisation and, for folders, the split as file
     # names relative to data_root, so that a resumed run, evaluate.py and sample.py see the same ones

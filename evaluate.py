@@ -18,12 +18,13 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import data
 import figures
-from model import latent_shapes, load_checkpoint, model_from_checkpoint, model_inputs
+from model import get_device, latent_shapes, load_checkpoint, model_from_checkpoint, model_inputs
 
 ACTIVE_SHARE = 0.01   # a layer is active when its KL is at least 1% of the rate
 
@@ -177,14 +178,19 @@ def main(argv=None):
                    '<checkpoint>-kl-<split>.png; "" for none)')
     p.add_argument('--json', help='also write the results to this JSON file')
     p.add_argument('--data_root', help='default: the training run\'s')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available)')
     args = p.parse_args(argv)
     if args.iw < 0 or (args.iw_chunk is not None and args.iw_chunk < 1) or args.max_batches < 0:
         raise ValueError(f'need --iw >= 0, --iw_chunk >= 1 and --max_batches >= 0 '
                          f'(got {args.iw}, {args.iw_chunk}, {args.max_batches})')
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f'--batch_size must be at least 1, not {args.batch_size}')
+    args.device = get_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, map_location=args.device)
+    png = args.kl_png if args.kl_png is not None else f'{os.path.splitext(args.checkpoint)[0]}-kl-{args.split}.png'
+    for path, flag, image in ((png, '--kl_png', True), (args.json, '--json', False)):   # before the work
+        if path:
+            figures.check_out(path, flag, image)
     config = dict(ckpt['config'])
     config.update({k: v for k, v in (('data_root', args.data_root), ('batch_size', args.batch_size)) if v})
     chunk = args.iw_chunk or max(1, min(args.iw, 128 // config['batch_size']))
@@ -202,23 +208,23 @@ def main(argv=None):
         lines.append(f"{args.split} importance-weighted NLL, K = {args.iw}: {result['iw_nll']:.4f} +- "
                      f"{result['iw_nll_se']:.4f} {result['unit']} (tighter than the ELBO by "
                      f"{result['iw_gap']:.4f} +- {result['iw_gap_se']:.4f})")
-    png = args.kl_png if args.kl_png is not None else f'{os.path.splitext(args.checkpoint)[0]}-kl-{args.split}.png'
+    print('\n'.join(lines), flush=True)   # the numbers first: a failed write below does not lose them
     if png:
-        figures.bar_chart(result['kl_bits'], png, f"KL per layer, {args.split} set: {args.checkpoint}",
-                          f"{len(nelbo)} images, {args.weights} weights, step {ckpt['step']}; "
-                          f"rate {result['rate_bits']:.1f} bits/image; ELBO {result['nelbo']:.3f} {result['unit']}")
-        lines.append(f'wrote {png}')
+        figures.write_atomic(png, lambda tmp: figures.bar_chart(
+            result['kl_bits'], tmp, f"KL per layer, {args.split} set: {args.checkpoint}",
+            f"{len(nelbo)} images, {args.weights} weights, step {ckpt['step']}; "
+            f"rate {result['rate_bits']:.1f} bits/image; ELBO {result['nelbo']:.3f} {result['unit']}"))
+        print(f'wrote {png}')
     if args.json:
         result.update(checkpoint=args.checkpoint, step=ckpt['step'], split=args.split, weights=args.weights,
                       iw=args.iw, layers=len(kl[0]), params=sum(t.numel() for t in vae.parameters()))
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1)
-        lines.append(f'wrote {args.json}')
-    print('\n'.join(lines))
+        text = json.dumps(result, indent=1)
+        figures.write_atomic(args.json, lambda tmp: Path(tmp).write_text(text))
+        print(f'wrote {args.json}')
 
 
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # bad input, an unwritable output: one line
         sys.exit(f'error: {e}')

@@ -11,6 +11,7 @@ Layer 0 is the top of the decoder (the coarsest, first sampled); KL in bits per 
 import argparse
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -23,6 +24,34 @@ SCALE_ANCHORS = np.array([(20, 20, 60), (75, 30, 125), (170, 50, 110), (235, 115
 
 # -----------------------------------------------------------------------------
 # shared helpers
+
+def check_out(path, flag='--out', image=False):
+    """Refuse, before any work, an output path we could not write: its folder missing, a folder
+    itself, or (image=True) an extension Pillow cannot write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f'{flag} {path}: the folder {folder} does not exist')
+    if os.path.isdir(path):
+        raise ValueError(f'{flag} {path} is a folder; give a file name')
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f'{flag} {path}: the folder {folder} is not writable')
+    if image and Image.registered_extensions().get(os.path.splitext(path)[1].lower()) not in Image.SAVE:
+        raise ValueError(f'{flag} {path}: not an image extension Pillow writes; use .png (or .jpg, .webp, .bmp, ...)')
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temp file beside `path`, then rename it onto `path`: an interrupted write
+    leaves the old file or none, never half of one. The temp name keeps the extension, from which
+    Pillow picks the format."""
+    root, ext = os.path.splitext(path)
+    tmp = f'{root}.tmp{ext}'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 
 def font(size):
     """Pillow's built-in font at `size` pixels (older Pillow without sizes: the small bitmap font)."""
@@ -161,7 +190,7 @@ def heatmap(matrix, columns, path, title, subtitle='', scale_label='KL (bits per
     if matrix.max() > hi:
         draw.text((bx + bw / 2, y0 - 6), f'>= {fmt(hi)}', fill=INK, font=small, anchor='mb')
     vertical_text(image, scale_label, font(15), (bx + bw + 75, y0 + bh / 2))
-    image.save(path)
+    write_atomic(path, image.save)
     return image
 
 

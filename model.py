@@ -12,6 +12,7 @@ and the loss is the negative ELBO, distortion + rate, in nats per dimension.
 """
 import math
 import re
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -427,14 +428,42 @@ CHECKPOINT_FORMAT = 1
 MODEL_KEYS = tuple(DEFAULTS) + REQUIRED   # the config keys that shape the network
 
 
+def get_device(name=None):
+    """--device -> torch.device (default: cuda where there is one); one line if it cannot be used."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise ValueError(f'--device {name!r} is not a device (cpu, cuda, cuda:1, ...)') from None
+    backend = getattr(torch, device.type, None)
+    if device.type != 'cpu' and not (hasattr(backend, 'is_available') and backend.is_available()):
+        raise ValueError(f'--device {name}: this machine (or this build of torch {torch.__version__}) has no {device.type}')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f'--device {name}: only {torch.cuda.device_count()} CUDA device(s) here')
+    return device
+
+
+def check_crc(path):
+    """torch.load does not verify the zip's CRC-32s: a flipped bit would load as a wrong weight."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):   # not a whole zip: torch.load says what it is
+        return
+    if bad is not None:
+        raise ValueError(f'{path} is corrupt: {bad} does not match its stored checksum (CRC-32)')
+
+
 def load_checkpoint(path, map_location='cpu'):
     """Read and check a checkpoint; a one-line error names the file and what is wrong."""
+    check_crc(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f'{path}: no such checkpoint') from None
     except Exception as e:
-        raise ValueError(f'{path} is not a readable hvae checkpoint ({type(e).__name__}: {str(e)[:120]})') from None
+        message = str(e).split('. ')[0][:120]   # torch's zip reader: "failed finding central directory. This is..."
+        cut = ', the file is cut short?' if 'central directory' in message else ''
+        raise ValueError(f'{path} is not a readable hvae checkpoint ({type(e).__name__}: {message}{cut})') from None
     if not isinstance(ckpt, dict) or not {'config', 'model', 'format'} <= set(ckpt):
         raise ValueError(f'{path} is not an hvae checkpoint (no config/model/format keys)')
     if ckpt['format'] != CHECKPOINT_FORMAT:
@@ -448,6 +477,10 @@ def load_checkpoint(path, map_location='cpu'):
     wrong = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and expected[k] != got[k]]
     if wrong:
         raise ValueError(f'{path}: weights do not match its config ({len(wrong)} tensors differ, e.g. {wrong[0]})')
+    for weights in ('model', 'ema'):   # training never saves a non-finite weight (such updates are skipped)
+        bad = [k for k, t in (ckpt.get(weights) or {}).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f'{path}: {len(bad)} {weights} tensors hold NaN or inf, e.g. {bad[0]}')
     return ckpt
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import data
 import figures
-from model import load_checkpoint, model_from_checkpoint, model_inputs, n_layers
+from model import get_device, load_checkpoint, model_from_checkpoint, model_inputs, n_layers
 
 
 def grid(rows, pad=2):
@@ -37,7 +37,7 @@ def save_png(rows, path, scale=1):
     image = Image.fromarray(grid(rows))
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
+    figures.write_atomic(path, image.save)
 
 
 def reconstructions(vae, info, config, k, n, device, temperature):
@@ -85,7 +85,7 @@ def save_layers_figure(rows, labels, path, scale, title, subtitle):
     cell = (rows[0].shape[-1] + 2) * scale
     columns = {cell // 2 + scale: 'test image',
                cell + (g.shape[1] - cell) // 2: 'samples: first k layers fixed, the rest from the prior'}
-    figures.labelled_grid(g, labels, title, subtitle, columns).save(path)
+    figures.write_atomic(path, figures.labelled_grid(g, labels, title, subtitle, columns).save)
 
 
 def main(argv=None):
@@ -101,13 +101,15 @@ def main(argv=None):
     p.add_argument('--image_index', type=int, default=0, help='which test image --layers_figure uses')
     p.add_argument('--weights', choices=('ema', 'model'), default='ema')
     p.add_argument('--data_root', help='where the test images are (default: the training run\'s)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--scale', type=int, default=2, help='upscale the grid for viewing')
     p.add_argument('--out', default='samples.png')
     args = p.parse_args(argv)
     if args.n < 1 or args.rows < 1:
         raise ValueError('--n and --rows must be at least 1')
+    figures.check_out(args.out, image=True)
+    args.device = get_device(args.device)
     temperature = args.temperature or [0.6 if args.layers_figure else 1.0]
     ckpt = load_checkpoint(args.checkpoint, map_location=args.device)
     config = {**ckpt['config'], **({'data_root': args.data_root} if args.data_root else {})}
@@ -141,5 +143,5 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # bad input, an unwritable output: one line
         sys.exit(f'error: {e}')

@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import nvae
-from model import VAE, MODEL_KEYS, build, n_layers, model_inputs, load_checkpoint, scale_depth, CHECKPOINT_FORMAT
+from model import (VAE, MODEL_KEYS, build, n_layers, model_inputs, load_checkpoint, scale_depth, get_device,
+                   CHECKPOINT_FORMAT)
 
 CIFAR10 = dict(enc_blocks='32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3',
                dec_blocks='1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21')
@@ -176,9 +177,13 @@ def make_config(args):
 
 
 def check_config(config):
-    for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size', 'num_layers'):
+    for key in ('batch_size', 'width', 'zdim', 'num_mixtures', 'image_size', 'num_layers', 'log_every', 'max_steps',
+                'max_skips_in_row'):
         if config.get(key, 1) < 1:
             raise ValueError(f'--{key} must be at least 1, not {config[key]}')
+    for key in ('save_every', 'save_every_minutes', 'keep', 'eval_every', 'eval_batches', 'max_minutes'):
+        if config[key] < 0:   # 0 turns it off (keep: all checkpoints, eval_batches: the whole split)
+            raise ValueError(f'--{key} must be 0 (off) or more, not {config[key]}')
     if config['lr'] <= 0 or not 0 <= config['ema_rate'] < 1:
         raise ValueError(f"need lr > 0 and 0 <= ema_rate < 1 (got lr {config['lr']}, ema_rate {config['ema_rate']})")
     return config
@@ -308,7 +313,7 @@ def update_ema(ema, model, updates, config):
 def setup_distributed(device=None):
     """-> (rank, world_size, device). Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) join the
     process group, NCCL on CUDA and gloo on CPU; otherwise a single process."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = get_device(device)
     if 'RANK' not in os.environ:
         return 0, 1, device
     if device.type == 'cuda':
@@ -427,6 +432,8 @@ def train_step(model, optimizer, batch, info, config, kl_weight=1.0, scaler=None
     gradient norm is not finite on any rank, or the norm reaches skip_threshold (0 turns clipping
     or skipping off). The stats are means over ranks."""
     x, target = model_inputs(*data.prepare(flip(batch, config['flip']), info, config['bits'], config['pad']), config)
+    running = [b for b in model.buffers() if b.is_floating_point()]   # batch-norm statistics (attentive VAE)
+    before = torch._foreach_mul(running, 1.0) if running else []       # a copy, in one call
     if config['channels_last']:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(config, x.device):
@@ -451,6 +458,8 @@ def train_step(model, optimizer, batch, info, config, kl_weight=1.0, scaler=None
     skipped = values[4] > 0
     if not skipped:
         scaler.step(optimizer) if scaler else optimizer.step()
+    elif running:   # a skipped step changes nothing: a NaN forward would poison the statistics for good
+        torch._foreach_copy_(running, before)
     if scaler:
         scaler.update()
     stats = dict(elbo=values[0], kl_weight=kl_weight, distortion=values[1], rate=values[2],
@@ -641,6 +650,7 @@ def setup(args):
     fetch_data_once(config, rank)
     # a checkpoint's split and normalisation, not recomputed from a folder that may have changed since
     info = data.load_run_dataset(config, ckpt.get('dataset') if ckpt is not None else None, config['download'])
+    data.check_fits(info, config, config['dataset'])
     run = argparse.Namespace(config=config, rank=rank, world=world, device=device, print0=print0, model=model,
                              info=info, data_record=data.dataset_record(info, config['data_root']),
                              batches=data.make_batches(info['train'], config['batch_size'], config['seed'], rank, world, device),
@@ -766,6 +776,8 @@ def main(argv=None):
     config, spe, stop = run.config, run.batches.steps_per_epoch, StopSignal()
     run.t_start = t_log = t_save = time.time()
     window = []
+    if run.step >= config['max_steps']:
+        run.print0(f"nothing to train: the run is at step {run.step} and --max_steps is {config['max_steps']}")
     while run.step < config['max_steps']:
         for group in run.optimizer.param_groups:
             group['lr'] = get_lr(run.step, config, spe)

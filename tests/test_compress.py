@@ -321,6 +321,35 @@ def test_a_model_that_computes_differently_gives_an_error_never_a_wrong_image(ck
         compress.decompress(codec, header, words, 'f.hvz')
 
 
+def test_compress_refuses_an_output_that_is_an_input_a_folder_or_an_existing_file(ckpts, cifar_test, tmp_path, monkeypatch):
+    src = save_png(cifar_test[0].numpy(), tmp_path / 'self.png')
+    image = src.read_bytes()
+    old = tmp_path / 'old.hvz'
+    old.write_bytes(b'old')
+    line = error_line(run('compress.py', ckpts['cifar'], src, '-o', src, check=False))
+    assert line == f'error: -o {src} is one of the inputs; choose another -o'   # was: the image replaced by the .hvz
+    monkeypatch.setattr(compress, 'make_codec', lambda *a: pytest.fail('loaded the model before checking -o'))
+    for out, words in [(tmp_path, 'is a folder; -o names the .hvz file'),
+                       (old, f'{old} already exists: remove it or choose another -o')]:
+        with pytest.raises(ValueError, match=words):
+            compress.main([str(ckpts['cifar']), str(src), '-o', str(out)])
+        with pytest.raises(ValueError, match=words):   # the measurement's -o too
+            compress.main([str(ckpts['cifar']), '--dataset', 'cifar10', '-o', str(out)])
+    assert src.read_bytes() == image and old.read_bytes() == b'old'
+    assert sorted(tmp_path.iterdir()) == [old, src]
+
+
+def test_decompress_refuses_to_overwrite_an_existing_png(ckpts, written, tmp_path):
+    out = tmp_path / 'restored'
+    out.mkdir()
+    (out / '1.png').write_bytes(b'keep')
+    line = error_line(run('compress.py', ckpts['cifar'], '--decompress', written, '-o', out, check=False))
+    assert line == f"error: {out / '1.png'} already exists: remove it or choose another -o"
+    assert (out / '1.png').read_bytes() == b'keep' and list(out.iterdir()) == [out / '1.png']   # 0.png not written either
+    with pytest.raises(ValueError, match='is a file; with --decompress -o names the folder'):
+        compress.main([str(ckpts['cifar']), '--decompress', str(written), '-o', str(written)])
+
+
 def test_images_the_model_cannot_take_are_refused_before_any_output(ckpts, cifar_test, tmp_path):
     colour = save_png(cifar_test[0].numpy(), tmp_path / 'colour.png')
     grey = save_png(np.full((1, 28, 28), 128, np.uint8), tmp_path / 'grey.png', 'L')

@@ -189,6 +189,62 @@ def test_bad_input_gets_a_one_line_error(tmp_path):
         figures.kl_heatmap(tmp_path / 'missing.jsonl', tmp_path / 'h.png')
 
 
+def test_evaluate_refuses_an_output_path_it_cannot_write_before_any_work(trained, tmp_path, monkeypatch):
+    p = script('evaluate.py', trained['path'], '--max_batches', '1', '--kl_png', '', '--json', tmp_path)
+    assert one_error_line(p) == f'error: --json {tmp_path} is a folder; give a file name'   # was a traceback
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **k: pytest.fail('evaluated before checking the outputs'))
+    for flags, words in [(['--json', tmp_path / 'nod' / 'r.json'], f"--json {tmp_path / 'nod' / 'r.json'}: the folder"),
+                         (['--kl_png', tmp_path / 'nod' / 'k.png'], 'does not exist'),
+                         (['--kl_png', tmp_path / 'k.xyz'], 'use .png')]:
+        with pytest.raises(ValueError, match=words):
+            evaluate.main([str(trained['path']), '--max_batches', '1', '--kl_png', '', *map(str, flags)])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('what', ['kl_png', 'json'])
+def test_a_failed_write_prints_the_numbers_first_and_leaves_the_old_file_whole(trained, tmp_path, capsys, monkeypatch, what):
+    out = tmp_path / ('k.png' if what == 'kl_png' else 'r.json')
+    out.write_text('old')
+
+    def half_then_fail(path):   # a full disk half way through the file
+        Path(path).write_bytes(b'half')
+        raise OSError(28, 'No space left on device')
+
+    class FullDisk(dict):       # json stops at this value, part way through the file
+        def items(self):
+            raise OSError(28, 'No space left on device')
+
+    if what == 'kl_png':
+        monkeypatch.setattr(figures, 'bar_chart', lambda values, path, *args: half_then_fail(path))
+    else:
+        summary = evaluate.summary
+        monkeypatch.setattr(evaluate, 'summary', lambda *args: dict(summary(*args), last=FullDisk(a=1)))
+    with pytest.raises(OSError, match='No space left'):
+        evaluate.main([str(trained['path']), '--max_batches', '1', '--kl_png', '', f'--{what}', str(out)])
+    assert 'test negative ELBO:' in capsys.readouterr().out
+    assert out.read_text() == 'old' and list(tmp_path.iterdir()) == [out]   # no half file, no temp file left
+
+
+def test_sample_refuses_an_output_path_it_cannot_write_before_sampling(trained, tmp_path, monkeypatch):
+    p = script('sample.py', trained['path'], '--n', '1', '--rows', '1', '--out', tmp_path / 'xx')
+    assert 'not an image extension Pillow writes; use .png' in one_error_line(p)   # was: after sampling
+    for out, words in [(tmp_path / 'nod' / 's.png', 'does not exist'), (tmp_path, 'is a folder')]:
+        with pytest.raises(ValueError, match=words):   # refused before the checkpoint is even read
+            sample.main(['no-such-checkpoint.pt', '--out', str(out)])
+    assert not list(tmp_path.iterdir())
+    out = tmp_path / 's.png'
+    out.write_text('old')
+
+    def half_then_fail(image, path, *args, **kwargs):   # a full disk half way through the file
+        Path(path).write_bytes(b'half')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(Image.Image, 'save', half_then_fail)
+    with pytest.raises(OSError, match='No space left'):
+        sample.main([str(trained['path']), '--n', '1', '--rows', '1', '--out', str(out)])
+    assert out.read_text() == 'old' and list(tmp_path.iterdir()) == [out]
+
+
 # -----------------------------------------------------------------------------
 # figures
 

@@ -103,6 +103,11 @@ def test_corrupt_batch_file_is_a_one_line_error(fake_cifar, tmp_path):
     (['--batch_size', '0'], 'batch_size'),
     (['--dec_blocks', '1x1,4m1,16m4'], 'image size'),    # never reaches 32x32
     (['--enc_blocks', '32x1,32y2'], "'32y2'"),
+    (['--log_every', '0'], '--log_every must be at least 1'),
+    (['--max_steps', '0'], '--max_steps must be at least 1'),
+    (['--keep', '-1'], '--keep must be 0 (off) or more'),
+    (['--device', 'bogus'], "--device 'bogus' is not a device"),
+    (['--device', 'cuda:99'], '--device cuda:99'),          # no such GPU, here or on a GPU machine
 ])
 def test_impossible_flags_are_refused_before_training(tmp_path, flags, words):
     line = error_line(run('train.py', *TINY, *flags, '--out_dir', tmp_path, '--dry_run', check=False))
@@ -140,8 +145,51 @@ def test_truncated_checkpoint_is_refused(fake_cifar, tmp_path):
     path = Path(train.checkpoint_paths(str(tmp_path))[-1])
     path.write_bytes(path.read_bytes()[:1000])
     assert ckpt['step'] == 1
-    with pytest.raises(ValueError, match='not a readable hvae checkpoint'):
+    with pytest.raises(ValueError, match='not a readable hvae checkpoint.*cut short'):
         load_checkpoint(path)
+
+
+def test_a_flipped_byte_or_a_nan_weight_in_a_checkpoint_is_refused(fake_cifar, tmp_path):
+    """torch.load reads a damaged tensor without a word: the zip's CRC-32s catch it."""
+    import zipfile
+    ckpt = tiny_run(fake_cifar, tmp_path, 1)
+    path = Path(train.checkpoint_paths(str(tmp_path))[-1])
+    with zipfile.ZipFile(path) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)   # the largest tensor's bytes, stored uncompressed
+    raw = bytearray(path.read_bytes())
+    start = member.header_offset + 30 + int.from_bytes(raw[member.header_offset + 26:member.header_offset + 28], 'little') \
+        + int.from_bytes(raw[member.header_offset + 28:member.header_offset + 30], 'little')
+    raw[start + member.file_size // 2] ^= 0xFF
+    bad = tmp_path / 'flipped.pt'
+    bad.write_bytes(bytes(raw))
+    for script in ('evaluate.py', 'sample.py'):
+        line = error_line(run(script, bad, '--out', tmp_path / 's.png', check=False) if script == 'sample.py'
+                          else run(script, bad, check=False))
+        assert str(bad) in line and 'corrupt' in line and member.filename.split('/')[-1] in line
+    nan = tmp_path / 'nan.pt'
+    torch.save(dict(ckpt, ema={k: v * float('nan') if v.is_floating_point() else v for k, v in ckpt['ema'].items()}), nan)
+    with pytest.raises(ValueError, match='ema tensors hold NaN or inf'):
+        load_checkpoint(nan)
+
+
+@pytest.mark.parametrize('script', ['sample.py', 'evaluate.py', 'compress.py'])
+def test_a_device_that_is_not_there_is_one_line_before_the_checkpoint_is_read(script, tmp_path):
+    extra = [tmp_path / 'x.png', '-o', tmp_path / 'x.hvz'] if script == 'compress.py' else []
+    line = error_line(run(script, tmp_path / 'never.pt', *extra, '--device', 'cuda:99', check=False))
+    assert line.startswith('error: --device cuda:99') and 'never.pt' not in line
+
+
+def test_a_model_of_another_dataset_is_refused_before_training(fake_cifar, tmp_path):
+    p = run('train.py', '--preset', 'mnist', '--dataset', 'cifar10', '--data_root', fake_cifar, '--no_download',
+            '--out_dir', tmp_path, check=False)
+    assert 'cifar10 images are 3x32x32, the model takes 1x28x28 binary' in error_line(p)
+    assert not train.checkpoint_paths(str(tmp_path))
+
+
+def test_resuming_a_run_already_at_max_steps_says_so(fake_cifar, tmp_path):
+    tiny_run(fake_cifar, tmp_path, 2)
+    p = run('train.py', *TINY, '--data_root', fake_cifar, '--out_dir', tmp_path, '--max_steps', '2', '--resume')
+    assert 'nothing to train: the run is at step 2 and --max_steps is 2' in p.stdout
 
 
 def test_nan_loss_skips_the_update_and_counts_it(fake_cifar, tmp_path, monkeypatch):
@@ -164,6 +212,26 @@ def test_nan_loss_skips_the_update_and_counts_it(fake_cifar, tmp_path, monkeypat
     assert '4 updates in a row skipped' in line and 'skip_threshold 1e-09' in line and 'grad norm' in line
     ckpt = load_checkpoint(train.checkpoint_paths(str(tmp_path))[-1])
     assert ckpt['counts']['skipped'] == 4 and ckpt['counts']['updates'] == 0
+
+
+def test_a_skipped_step_leaves_the_batch_norm_statistics_as_they_were(monkeypatch):
+    """The attentive VAE's batch norm moves its running statistics in the forward pass: a NaN batch
+    would poison them for good though its update is skipped."""
+    config = train.make_config(train.parse_args(['--preset', 'attentive_cpu', '--batch_size', '2']))
+    torch.manual_seed(0)
+    model = build(config)
+    optimizer = train.make_optimizer(model, config)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    info = dict(binary=False, shift=-127.5, scale=1 / 64)
+    train.train_step(model, optimizer, images, info, config)           # a good step moves them
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = train.model_inputs
+    monkeypatch.setattr(train, 'model_inputs', lambda *a: (inputs(*a)[0] * float('nan'), inputs(*a)[1]))
+    stats, skipped = train.train_step(model, optimizer, images, info, config)
+    assert skipped and math.isnan(stats['elbo'])
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert all(k.endswith('num_batches_tracked') for k in moved), moved
+    assert any('running_mean' in k for k in before)
 
 
 def test_dry_run_prints_config_and_exact_parameter_count(tmp_path):
