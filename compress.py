@@ -656,7 +656,8 @@ def main(argv=None):
     images, modes = [p for p, _ in read], [m for _, m in read]
     T = tile_size(codec.config)
     n_tiles = sum(-(-p.shape[1] // T) * -(-p.shape[2] // T) for p in images)
-    progress = Progress('compress', n_tiles / len(images), C * T * T, n_tiles)
+    # bits/dim of the images, not of their padded tiles: their dimensions spread over the tiles
+    progress = Progress('compress', n_tiles / len(images), sum(p.size for p in images) / n_tiles, n_tiles)
     header, words, stats = compress(codec, images, modes, [n for n, _ in items], args.batch_size, args.borrow, progress)
     write_file(args.out, header, words)
     dims = sum(p.size for p in images)

@@ -92,8 +92,8 @@ def fetch_cifar10(root, allow_download):
     if not folder.is_dir():  # an existing folder is used as is: copies of it may have other md5s
         if not tarball.exists():
             if not allow_download:
-                raise FileNotFoundError(f'CIFAR-10 not found in {root}: run with download enabled (the default) '
-                                        f'or place cifar-10-batches-py/ in {root} (from {CIFAR_URL})')
+                raise FileNotFoundError(f'CIFAR-10 not found in {root}: place cifar-10-batches-py/ there (from {CIFAR_URL}), '
+                                        'or let train.py download it (without --no_download)')
             fetch(CIFAR_URL, tarball)
         got = md5(tarball)
         if got != CIFAR_MD5:
@@ -140,8 +140,8 @@ def fetch_mnist(root, allow_download):
     folder = next((d for d in (root / 'mnist', root) if have(d)), root / 'mnist')
     if not have(folder):
         if not allow_download:
-            raise FileNotFoundError(f'MNIST not found in {folder}: run with download enabled (the default) '
-                                    f'or place {" and ".join(MNIST_FILES)} in {folder} (from {MNIST_URL})')
+            raise FileNotFoundError(f'MNIST not found in {folder}: place {" and ".join(MNIST_FILES)} there (from {MNIST_URL}), '
+                                    'or let train.py download them (without --no_download)')
         for f in MNIST_FILES:
             if not (folder / f).exists():
                 fetch(MNIST_URL + f, folder / f)

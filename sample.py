@@ -88,6 +88,20 @@ def save_layers_figure(rows, labels, path, scale, title, subtitle):
     figures.write_atomic(path, figures.labelled_grid(g, labels, title, subtitle, columns).save)
 
 
+def check_args(args):
+    """Flags that would be ignored or make no figure: one line before any work."""
+    if args.n < 1 or args.rows < 1 or args.scale < 1:
+        raise ValueError('--n, --rows and --scale must be at least 1')
+    if any(t < 0 for t in args.temperature or []):
+        raise ValueError(f'--temperature must be 0 or more, not {min(args.temperature)}')
+    if args.recon_layers is not None and args.layers_figure:
+        raise ValueError('--recon_layers and --layers_figure make two different figures: give one')
+    if args.layers and not args.layers_figure:
+        raise ValueError('--layers picks the rows of --layers_figure: add it')
+    if (args.recon_layers is not None or args.layers_figure) and len(args.temperature or []) > 1:
+        raise ValueError('--recon_layers and --layers_figure draw at one --temperature')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('checkpoint')
@@ -106,8 +120,7 @@ def main(argv=None):
     p.add_argument('--scale', type=int, default=2, help='upscale the grid for viewing')
     p.add_argument('--out', default='samples.png')
     args = p.parse_args(argv)
-    if args.n < 1 or args.rows < 1:
-        raise ValueError('--n and --rows must be at least 1')
+    check_args(args)
     figures.check_out(args.out, image=True)
     args.device = get_device(args.device)
     temperature = args.temperature or [0.6 if args.layers_figure else 1.0]

@@ -7,8 +7,10 @@ Train a hierarchical VAE and checkpoint it so that a run can stop and resume exa
 
 One plain config dict (a preset, then the flags over it) builds the model and drives training;
 every checkpoint carries it, so sample.py and evaluate.py need nothing else.
-Recipe (DESIGN.md 1.7): AdamW, linear warm-up, EMA of the weights, gradient clipping, and updates
-skipped when the gradient norm is too large or not finite.
+Recipe of the very deep VAE (../shared/DESIGN.md 1.7): AdamW, linear warm-up, EMA of the weights,
+gradient clipping, and updates skipped when the gradient norm is too large or not finite. The
+attentive presets follow the official attentive VAE instead (../shared/ATTENTIVE.md 7: Keras
+Adamax, cosine schedule, KL warm-up, the L2 penalty; non-finite updates are still skipped).
 """
 import argparse
 import ctypes

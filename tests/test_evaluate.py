@@ -245,6 +245,19 @@ def test_sample_refuses_an_output_path_it_cannot_write_before_sampling(trained, 
     assert out.read_text() == 'old' and list(tmp_path.iterdir()) == [out]
 
 
+@pytest.mark.parametrize('flags, words', [
+    (['--scale', '0'], '--scale must be at least 1'),
+    (['--temperature', '-1'], '--temperature must be 0 or more'),
+    (['--recon_layers', '2', '--layers_figure'], 'give one'),        # was: neither figure written
+    (['--layers', '1', '2'], 'add it'),
+    (['--layers_figure', '--temperature', '0.5', '1'], 'one --temperature'),
+])
+def test_sample_flags_that_would_be_ignored_are_refused_before_any_work(flags, words, tmp_path):
+    with pytest.raises(ValueError, match=words):
+        sample.main(['no-such-checkpoint.pt', *flags, '--out', str(tmp_path / 's.png')])
+    assert not list(tmp_path.iterdir())
+
+
 # -----------------------------------------------------------------------------
 # figures
 
