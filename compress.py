@@ -398,10 +398,12 @@ def read_file(path):
     version, n_head = struct.unpack_from('<II', raw, len(MAGIC))
     if version != VERSION:
         raise ValueError(f'{path} has format version {version}; this compress.py reads version {VERSION}')
-    if hashlib.sha256(raw[:-32]).digest() != raw[-32:]:
-        what = 'truncated' if len(raw) < len(MAGIC) + 16 + n_head else 'corrupt'
-        raise ValueError(f'{path} is {what} (its checksum does not match)')
     at = len(MAGIC) + 8
+    if hashlib.sha256(raw[:-32]).digest() != raw[-32:]:
+        size = at + n_head + 8 + 4 * struct.unpack_from('<Q', raw, at + n_head)[0] + 32 if len(raw) >= at + n_head + 8 else None
+        if size is None or len(raw) < size:   # the header's own word count says how long the file was
+            raise ValueError(f'{path} is truncated ({len(raw):,} bytes' + (f' of {size:,})' if size else ')'))
+        raise ValueError(f'{path} is corrupt (its checksum does not match)')
     header = json.loads(raw[at:at + n_head])
     (n_words,) = struct.unpack_from('<Q', raw, at + n_head)
     payload = np.frombuffer(raw, '<u4', n_words, at + n_head + 8).astype(np.uint32)
@@ -586,7 +588,7 @@ def parse_args(argv=None):
     p.add_argument('--borrow', type=int, default=1, help="tiles' worth of initial bits the first batches may take")
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, help='torch threads (written in the file; decoding uses the same)')
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)   # images may follow the options too
     modes = bool(args.inputs) + bool(args.decompress) + bool(args.dataset)
     if modes != 1:
         raise ValueError('give images to compress, --decompress FILE, or --dataset to measure (exactly one)')

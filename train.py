@@ -525,6 +525,8 @@ def save_checkpoint(state, out_dir, keep):
 def check_out_dir(out_dir, n_params, resume):
     """Fail before training, in one line: an out_dir we cannot write, too little disk for two
     checkpoints, or earlier checkpoints that a fresh run would overwrite."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f'--out_dir {out_dir} is a file, not a folder')
     os.makedirs(out_dir, exist_ok=True)
     try:
         with tempfile.TemporaryFile(dir=out_dir) as f:

@@ -255,7 +255,7 @@ def test_the_initial_bits_are_left_out_of_the_file_and_reported_apart(ckpts, cif
 def written(ckpts, cifar_test, tmp_path_factory):
     d = tmp_path_factory.mktemp('written')
     files = [save_png(p, d / f'{i}.png') for i, p in enumerate(cifar_test[:2].numpy())]
-    run('compress.py', ckpts['cifar'], *files, '-o', d / 'good.hvz', '--threads', '1')
+    run('compress.py', ckpts['cifar'], '-o', d / 'good.hvz', '--threads', '1', *files)   # images after the options too
     return d / 'good.hvz'
 
 
@@ -275,6 +275,7 @@ def damaged(written, tmp_path, edit):
 
 def test_a_truncated_file_is_refused(ckpts, written, tmp_path):
     assert 'truncated' in decompress_fails(ckpts['cifar'], damaged(written, tmp_path, lambda r: r[:len(r) // 2]), tmp_path)
+    assert 'truncated' in decompress_fails(ckpts['cifar'], damaged(written, tmp_path, lambda r: r[:-100]), tmp_path)
 
 
 def test_a_flipped_byte_is_refused(ckpts, written, tmp_path):

@@ -88,6 +88,8 @@ def test_unwritable_out_dir_fails_in_one_line_before_training(fake_cifar, tmp_pa
     (tmp_path / 'file').write_text('not a folder')
     p = run('train.py', *TINY, '--data_root', fake_cifar, '--out_dir', tmp_path / 'file' / 'run', check=False)
     assert 'file/run' in error_line(p) and 'step' not in p.stdout
+    p = run('train.py', *TINY, '--data_root', fake_cifar, '--out_dir', tmp_path / 'file', check=False)
+    assert 'is a file, not a folder' in error_line(p) and 'step' not in p.stdout
 
 
 def test_too_little_disk_space_fails_before_training(tmp_path, monkeypatch):
