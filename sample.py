@@ -83,8 +83,10 @@ def save_layers_figure(rows, labels, path, scale, title, subtitle):
     g = grid(rows)
     g = g.repeat(scale, 0).repeat(scale, 1) if scale > 1 else g
     cell = (rows[0].shape[-1] + 2) * scale
-    columns = {cell // 2 + scale: 'test image',
-               cell + (g.shape[1] - cell) // 2: 'samples: first k layers fixed, the rest from the prior'}
+    room = g.shape[1] - cell - 16   # the samples' header: the longest that fits above them
+    header = next((t for t in ('samples: first k layers fixed, the rest from the prior', 'samples: first k layers fixed')
+                   if figures.font(14).getlength(t) <= room), 'samples')
+    columns = {cell // 2 + scale: 'test image', cell + (g.shape[1] - cell) // 2: header}
     figures.write_atomic(path, figures.labelled_grid(g, labels, title, subtitle, columns).save)
 
 
