@@ -741,6 +741,14 @@ def count_update(run, stats, skipped):
         sys.exit(1)
 
 
+def per_image(run, nats_per_dim):
+    """Binary images are scored in nats per image in the papers (and evaluate.py): say it too."""
+    if not run.info['binary']:
+        return ''
+    c = run.config
+    return f" ({float(nats_per_dim) * c['image_channels'] * (c['image_size'] - 2 * c['pad']) ** 2:.2f} nats/image)"
+
+
 def log_window(run, window, seconds, minutes):
     """One log line and one log.jsonl record: the means of the steps since the last one."""
     config, spe, step = run.config, run.batches.steps_per_epoch, run.step
@@ -756,7 +764,7 @@ def log_window(run, window, seconds, minutes):
     eta = (config['max_steps'] - step) * seconds / len(window)
     if config['max_minutes']:
         eta = min(eta, max(0.0, 60 * (config['max_minutes'] - minutes)))
-    run.print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd | distortion {rec['distortion_bpd']:.4f} | "
+    run.print0(f"step {step} | elbo {rec['elbo_bpd']:.4f} bpd{per_image(run, mean['elbo'])} | distortion {rec['distortion_bpd']:.4f} | "
                f"rate {rec['rate_bpd']:.4f} | grad {rec['grad_norm']:.1f} | skipped {run.counts['skipped']} | "
                f"lr {rec['lr']:.2e} | {rec['images_per_s']:.1f} img/s | eta {fmt_time(eta)}"
                + (f" | {rec['unreadable_images']} unreadable images replaced" if bad_images else ''), flush=True)
@@ -768,7 +776,8 @@ def log_eval(run):
     """The EMA model's negative ELBO on the validation split (the test split if there is none)."""
     split = run.info['valid'] if len(run.info['valid']) else run.info['test']
     nelbo, _ = evaluate(run.ema, split, run.info, run.config, run.device, run.config['eval_batches'])
-    run.print0(f"step {run.step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd on {len(nelbo)} images")
+    run.print0(f"step {run.step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd{per_image(run, nelbo.mean())} "
+               f"on {len(nelbo)} images")
     if run.rank == 0:
         log(dict(step=run.step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo)), run.log_path)
 
