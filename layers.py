@@ -82,10 +82,21 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # diagonal Gaussians, parameterised by (mean, log-sigma), elementwise
 
+def randn_as(t):
+    """N(0, I) noise of t's shape, drawn in NCHW order whatever t's memory format (randn_like
+    follows it): a channels-last model draws the same numbers as the plain one."""
+    return torch.randn(t.shape, dtype=t.dtype, device=t.device)
+
+
+def rand_as(t):
+    """U(0, 1) noise of t's shape, in NCHW order (as randn_as)."""
+    return torch.rand(t.shape, dtype=t.dtype, device=t.device)
+
+
 def gaussian_sample(mean, logsigma, eps=None):
     """Reparameterised draw z = mean + sigma * eps; eps ~ N(0, I) unless given."""
     if eps is None:
-        eps = torch.randn_like(mean)
+        eps = randn_as(mean)
     return mean + torch.exp(logsigma) * eps
 
 
@@ -201,11 +212,11 @@ def dmol_sample(params, bits=8):
     """Draw images on the [-1, 1] scale, (B, 3, H, W): Gumbel-max mixture choice, logistic draw,
     channel-autoregressive means on the already-sampled colours, each clamped to [-1, 1]."""
     logits, means, log_scales, coeffs = dmol_split(params)
-    u = torch.rand_like(logits).clamp(1e-5, 1 - 1e-5)
+    u = rand_as(logits).clamp(1e-5, 1 - 1e-5)
     k = torch.argmax(logits - torch.log(-torch.log(u)), 1, keepdim=True)       # (B, 1, H, W)
     pick = lambda t: torch.gather(t, 2, k.unsqueeze(1).expand(-1, 3, -1, -1, -1)).squeeze(2)
     means, log_scales, coeffs = pick(means), pick(log_scales), pick(coeffs)    # (B, 3, H, W)
-    u = torch.rand_like(means).clamp(1e-5, 1 - 1e-5)
+    u = rand_as(means).clamp(1e-5, 1 - 1e-5)
     x = means + torch.exp(log_scales) * (torch.log(u) - torch.log1p(-u))
     r = x[:, 0].clamp(-1, 1)
     g = (x[:, 1] + coeffs[:, 0] * r).clamp(-1, 1)

@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from layers import (Block, conv, upsample, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll, dmol_sample,
-                    bernoulli_nll, bernoulli_sample, to_uint8, dmol_channel_log_probs, bernoulli_channel_log_probs)
+from layers import (Block, conv, upsample, randn_as, gaussian_sample, gaussian_kl, gaussian_log_prob, dmol_nll,
+                    dmol_sample, bernoulli_nll, bernoulli_sample, to_uint8, dmol_channel_log_probs,
+                    bernoulli_channel_log_probs)
 
 # hyperparameters a config may leave out (names as in the reference code)
 DEFAULTS = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_channels=3,
@@ -197,7 +198,7 @@ class DecoderLayer(nn.Module):
         """Prior pass: z_l ~ p with sigma multiplied by the temperature, unless z is given."""
         mean_p, logsig_p, x_new = self.prior_params(x)
         if z is None:
-            eps = torch.randn_like(mean_p) if eps is None else eps
+            eps = randn_as(mean_p) if eps is None else eps
             z = gaussian_sample(mean_p, logsig_p, eps * temperature)
         return self.emit(x_new, z), z
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import ChannelNorm, DecoderAttention, EncoderAttention, NonLocalBlock
-from layers import Tower, WNConv2d, deep_vae_init_, to_uint8
+from layers import Tower, WNConv2d, deep_vae_init_, rand_as, randn_as, to_uint8
 
 # the official 16-layer CIFAR-10 attentive VAE (ATTENTIVE.md sections 0 and 11); hvae names
 DEFAULTS = dict(model='nvae', image_size=32, image_channels=3, pad=0, likelihood='dmol', num_mixtures=5, bits=8,
@@ -180,11 +180,11 @@ def dmol_sample(params, M):
     """official: DiscretizedLogisticMixture.sample: Gumbel-max mixture choice, logistic draw,
     channel-autoregressive on the drawn colours, each clamped to [-1, 1] -> (B, 3, H, W)."""
     logits, means, log_scales, coeffs = dmol_params(params, M)
-    u = torch.rand_like(logits).clamp(1e-5, 1 - 1e-5)
+    u = rand_as(logits).clamp(1e-5, 1 - 1e-5)
     k = torch.argmax(logits - torch.log(-torch.log(u)), 1, keepdim=True)      # (B, 1, H, W)
     pick = lambda t: torch.gather(t, 2, k.unsqueeze(1).expand(-1, 3, -1, -1, -1)).squeeze(2)
     means, log_scales, coeffs = pick(means), pick(log_scales), pick(coeffs)
-    u = torch.rand_like(means).clamp(1e-5, 1 - 1e-5)
+    u = rand_as(means).clamp(1e-5, 1 - 1e-5)
     x = means + torch.exp(log_scales) * (torch.log(u) - torch.log1p(-u))
     r = x[:, 0].clamp(-1, 1)
     g = (x[:, 1] + coeffs[:, 0] * r).clamp(-1, 1)
@@ -361,8 +361,8 @@ class NVAE(nn.Module):
         given = logscale_noise if logscale_noise is not None else [(None, None)] * L
         out = []
         for i, (p, q) in enumerate(given):
-            p = (p if p is not None else torch.randn_like(ref)) if i > 0 and c['prior_noise'] > 0 else None
-            q = (q if q is not None else torch.randn_like(ref)) if c['posterior_noise'] > 0 else None
+            p = (p if p is not None else randn_as(ref)) if i > 0 and c['prior_noise'] > 0 else None
+            q = (q if q is not None else randn_as(ref)) if c['posterior_noise'] > 0 else None
             out.append((p, q))
         return out
 
@@ -397,7 +397,7 @@ class NVAE(nn.Module):
         kls = []
 
         def pick(i, prior, posterior):
-            e = eps[i] if eps is not None else torch.randn_like(posterior[0])
+            e = eps[i] if eps is not None else randn_as(posterior[0])
             z = posterior[0] + posterior[1] * e
             q, p = [tuple(map(fp32_or_better, d)) for d in (posterior, prior)]   # the KL in fp32 under autocast
             if sampled_kl:
@@ -424,7 +424,7 @@ class NVAE(nn.Module):
     def posterior_latents(self, x):
         """Latents of every layer drawn from the posterior of x: list of (B, Z, h, w)."""
         zs = []
-        self.top_down(x, lambda i, p, q: zs.append(q[0] + q[1] * torch.randn_like(q[0])) or zs[-1])
+        self.top_down(x, lambda i, p, q: zs.append(q[0] + q[1] * randn_as(q[0])) or zs[-1])
         return zs
 
     @torch.no_grad()
@@ -435,7 +435,7 @@ class NVAE(nn.Module):
             if latents is not None and i < len(latents):
                 return latents[i]
             t = temperature[i] if isinstance(temperature, (list, tuple)) else temperature
-            return prior[0] + prior[1] * t * torch.randn_like(prior[0])
+            return prior[0] + prior[1] * t * randn_as(prior[0])
         params = self.crop(self.top_down(None, pick, n)).float()
         if self.config['likelihood'] == 'dmol':
             return to_uint8(dmol_sample(params, self.config['num_mixtures']))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import layers
 import model
+import train
 
 DATA = Path(os.environ.get('HVAE_DATA', Path(__file__).resolve().parents[1].parent / 'shared' / 'data'))
 
@@ -642,3 +643,24 @@ def test_custom_width_pads_encoder_channels_with_zeros_and_mixes_in_the_first_co
 def test_malformed_custom_width_is_refused_naming_the_item(bad):
     with pytest.raises(ValueError, match='resolution:width'):
         model.VAE(dict(SMALL, custom_width=bad))
+
+
+@pytest.mark.parametrize('preset', ['cpu', 'attentive_cpu'])
+def test_channels_last_draws_the_same_noise_as_nchw(preset):
+    """randn_like follows a tensor's memory format: the layers draw in NCHW order instead, so
+    --channels_last changes the layout, not the random numbers (nor the loss beyond rounding)."""
+    config = train.make_config(train.parse_args(['--preset', preset]))
+    torch.manual_seed(0)
+    vae = model.build(config)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    runs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        vae = vae.to(memory_format=layout)
+        torch.manual_seed(1)
+        out = vae(x.contiguous(memory_format=layout), x)
+        torch.manual_seed(2)
+        runs.append((out['kl'].detach(), out['distortion'].detach(), vae.sample(2)))
+    (kl, nll, images), (kl_cl, nll_cl, images_cl) = runs
+    torch.testing.assert_close(kl_cl, kl, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(nll_cl, nll, rtol=1e-5, atol=1e-6)
+    assert torch.equal(images_cl, images)
