@@ -275,6 +275,7 @@ def main():
     print('| preset | mode | code | params | train img/s | vs first row | sample img/s | peak GiB | TFLOP/s | MFU '
           '| warm-up s | loss (nats/dim) | CPU wait |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+    failures = 0
     codes = [('this', os.path.dirname(os.path.abspath(__file__)))]
     codes += [(os.path.basename(os.path.normpath(d)), os.path.abspath(d)) for d in args.against]
     for preset in args.presets:
@@ -284,12 +285,15 @@ def main():
                 r, error, wait = run_row(code_dir, preset, mode, args)
                 if r is None:
                     print(f'| {preset} | {mode} | {name} | failed: {error} ||||||||| {busy(wait)} |', flush=True)
+                    failures += 1
                     continue
                 base = base or r['train_ips']
                 mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] else '-'
                 print(f"| {preset} | {mode} | {name} | {r['params']:,} | {r['train_ips']:.2f} | {r['train_ips'] / base:.2f}x | "
                       f"{r['sample_ips']:.1f} | {r['peak_gib']:.2f} | {r['tflops']:.3f} | {mfu} | {r['warmup_s']:.1f} "
                       f"| {r.get('loss', float('nan')):.4f} | {busy(wait)} |", flush=True)
+    if failures:
+        sys.exit(f'{failures} row(s) failed (the table says why)')
 
 
 def print_interleaved(args):

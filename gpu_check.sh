@@ -12,12 +12,15 @@
 # python3). HVAE_GPU_CHECK_CPU=1 runs the same steps at toy sizes on the CPU (gloo, no compile):
 # tests/test_bench.py does, so the script stays working.
 set -uo pipefail
+report=$(realpath -m "${1:-$(dirname "$0")/gpu_check.md}")   # a path given is the caller's, not the repo's
 cd "$(dirname "$0")"
-report=${1:-gpu_check.md}
 py=${PYTHON:-python3}
+command -v "$py" > /dev/null || { echo "gpu_check.sh: no $py here (set PYTHON)" >&2; exit 1; }
+: > "$report" || { echo "gpu_check.sh: cannot write the report $report" >&2; exit 1; }   # before any work
 export PYTHONUNBUFFERED=1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+failed() { echo "$1" >> "$work/failed"; }   # the parts run in a pipeline's subshell: a file carries this out
 if [ -n "${HVAE_GPU_CHECK_CPU:-}" ]; then
   presets=(cpu) bench=(--batch_size 2 --modes fp32 fp32+ckpt --steps 1 --warmup 0 --device cpu)
   run=(--preset cpu --batch_size 4 --width 16 --zdim 4 --num_mixtures 2 --device cpu) stop=2
@@ -36,7 +39,8 @@ took() { echo; echo "($1: $((SECONDS - $2)) s)"; echo; }
   echo "## CUDA-only tests"
   echo
   echo '```'
-  "$py" -m pytest -q -m cuda tests/test_cuda.py -rs 2>&1 | tail -12
+  "$py" -m pytest -q -m cuda tests/test_cuda.py -rs > "$work/tests.log" 2>&1 || failed tests
+  tail -12 "$work/tests.log"
   echo '```'
   took tests $t
   t=$SECONDS
@@ -56,15 +60,25 @@ PY
   common=("${run[@]}" --data_root "$work/data" --no_download --out_dir "$work/out" --log_every "$stop")
   torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node 1 train.py "${common[@]}")
   echo '```'
-  "${torchrun[@]}" --max_steps "$stop" 2>&1 | grep -E "model|step $stop|saved|error" | head -5
-  "${torchrun[@]}" --max_steps $((2 * stop)) --resume 2>&1 | grep -E "resumed|step $((2 * stop))|saved|error" | head -5
+  train() {   # one run's key lines; the end of its output where it failed
+    if "${torchrun[@]}" --max_steps "$@" > "$work/run.log" 2>&1; then
+      grep -E "^model|resumed|^step $1 |saved" "$work/run.log" | head -5
+    else
+      failed "torchrun $*"   # the worker's own error line(s), not torchrun's summary
+      grep -E "(Error|Exception|^error):" "$work/run.log" | grep -v ChildFailedError | tail -3 || tail -5 "$work/run.log"
+    fi
+  }
+  train "$stop"
+  train $((2 * stop)) --resume
   echo '```'
   took torchrun $t
   for preset in "${presets[@]}"; do   # one bench run per preset: the first preset's rows survive a stop in the second
     t=$SECONDS
     echo "## Training steps (bench.py --presets $preset ${bench[*]})"
     echo
-    "$py" bench.py --presets "$preset" "${bench[@]}" 2>&1
+    "$py" bench.py --presets "$preset" "${bench[@]}" 2>&1 || failed "bench $preset"
     took "bench $preset" $t
   done
+  [ -s "$work/failed" ] && echo "**failed:** $(paste -sd, "$work/failed")" || echo "every part ran"
 } 2>&1 | tee "$report"
+[ ! -s "$work/failed" ]   # the exit status: 0 only when every part ran

@@ -41,7 +41,17 @@ def test_gpu_check_script_runs_its_cpu_safe_parts_into_one_report(tmp_path):
     assert [r.split('|')[2].strip() for r in rows] == ['fp32', 'fp32+ckpt']
     assert all(float(r.split('|')[5]) > 0 for r in rows)                    # train img/s
     assert rows[0].split('|')[12] == rows[1].split('|')[12]                # same loss with and without ckpt
-    assert 'resumed from step 2' in text and '\nstep 4 |' in text
+    assert 'resumed from step 2' in text and '\nstep 4 |' in text and 'every part ran' in text
+
+
+def test_gpu_check_script_refuses_before_any_work_what_would_lose_its_report(tmp_path):
+    script = ['bash', str(ROOT / 'gpu_check.sh')]
+    env = dict(os.environ, HVAE_GPU_CHECK_CPU='1')
+    p = subprocess.run(script + [str(tmp_path / 'nowhere' / 'r.md')], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and 'cannot write the report' in p.stderr and 'CUDA' not in p.stdout
+    p = subprocess.run(script + [str(tmp_path / 'r.md')], env=dict(env, PYTHON='/nonexist/python'), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and 'no /nonexist/python here' in p.stderr
 
 
 def test_ffhq1024_is_narrowed_as_the_reference_and_its_activations_fit_a_gpu():
