@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from layers import Tower
-from model import build, model_inputs
+from model import build, get_device, model_inputs
 
 # dense peak FLOP/s per dtype (vendor datasheets, SXM parts); fp32 means tensor-core-free fp32, tf32
 # is fp32 on the tensor cores: PyTorch's default for fp32 convolutions on these GPUs
@@ -119,7 +119,7 @@ def prepare(preset, batch_size, mode, device):
         model.set_grad_checkpoint(True)
     optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler(dev.type) if dtype == 'fp16' else None
-    C, S = config['image_channels'], config['image_size']
+    C, S = config['image_channels'], config['image_size'] - 2 * config['pad']   # as stored: data.prepare pads
     batch = torch.randint(0, 256, (batch_size, C, S, S), dtype=torch.uint8, device=dev)
     info = dict(binary=config['likelihood'] == 'bernoulli', shift=-127.5, scale=1 / 64)
     if channels_last:
@@ -235,6 +235,20 @@ def count_flops(model, batch, info, config, device):
     return counter.get_total_flops()
 
 
+def check_args(args):
+    """Impossible flags: one line before any row is built."""
+    for mode in args.modes:
+        parse_mode(mode)
+    if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
+        raise ValueError('--steps and --batch_size must be at least 1, --warmup at least 0')
+    args.device = str(get_device(args.device))
+    if 'fp16' in '+'.join(args.modes) and not args.device.startswith('cuda'):
+        raise ValueError('fp16 needs a CUDA device (as train.py --dtype fp16); use bf16 or fp32 on CPU')
+    for d in args.against:
+        if not os.path.isfile(os.path.join(d, 'bench.py')):
+            raise ValueError(f'--against {d}: no bench.py there (a checkout of hvae?)')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--presets', nargs='+', default=['cpu', 'attentive_cpu'], choices=sorted(train.PRESETS))
@@ -242,7 +256,7 @@ def main():
     p.add_argument('--batch_size', type=int, default=8)
     p.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first (compilation happens here)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', help='default: cuda if available, else cpu')
     p.add_argument('--against', nargs='*', default=[], metavar='DIR',
                    help='other checkouts whose bench.py also runs every row (before/after in one run)')
     p.add_argument('--interleave', action='store_true',
@@ -251,8 +265,7 @@ def main():
                    help='only count each preset\'s activation memory per batch on the meta device (instant)')
     p.add_argument('--row', help=argparse.SUPPRESS)   # internal: run one row and print it as JSON
     args = p.parse_args()
-    for mode in args.modes:
-        parse_mode(mode)
+    check_args(args)
     if args.activations:
         print(f'| preset | params | activations at batch {args.batch_size}, fp32 | with --grad_checkpoint |')
         print('|---|---|---|---|')
@@ -315,4 +328,7 @@ def print_interleaved(args):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f'error: {e}')

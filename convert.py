@@ -14,8 +14,9 @@ import sys
 
 import torch
 
+import figures
 import train
-from model import VAE, CHECKPOINT_FORMAT, load_official_vdvae
+from model import VAE, CHECKPOINT_FORMAT, load_official_vdvae, nonfinite
 
 
 def convert(path, config):
@@ -30,6 +31,9 @@ def convert(path, config):
         raise ValueError(f'{path} is not a readable PyTorch state dict ({type(e).__name__}: {str(e)[:100]})') from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise ValueError(f'{path} is not a state dict (a dict of tensors)')
+    bad = nonfinite(state)
+    if bad:
+        raise ValueError(f'{path}: {len(bad)} tensors hold NaN or inf, e.g. {bad[0]}')
     vae = VAE(config)
     try:
         load_official_vdvae(vae, state)
@@ -47,6 +51,9 @@ def main(argv=None):
     p.add_argument('-o', '--out', required=True, help='the hvae checkpoint to write')
     args, rest = p.parse_known_args(argv)
     config = train.make_config(train.parse_args(rest))
+    figures.check_out(args.out, '-o')   # before the work; and never over a file, the input included
+    if os.path.lexists(args.out):
+        raise ValueError(f'{args.out} already exists: remove it or choose another -o')
     ckpt = convert(args.state_dict, config)
     tmp = args.out + '.tmp'
     try:

@@ -351,8 +351,8 @@ def load_run_dataset(config, record=None, download=False):
 def check_fits(info, config, name):
     # the model's input against the dataset's images, in one line before any work: a model of
     # another preset would fail deep inside a convolution, or score 0/1 pixels as colour levels
-    S, pad, binary = config['image_size'], config['pad'], config['likelihood'] == 'bernoulli'
-    want, got = (config['image_channels'], S - 2 * pad, S - 2 * pad), tuple(info['test'].shape[1:])
+    S, pad, binary = config['image_size'], config.get('pad', 0), config.get('likelihood', 'dmol') == 'bernoulli'
+    want, got = (config.get('image_channels', 3), S - 2 * pad, S - 2 * pad), tuple(info['test'].shape[1:])
     if got != want or info['binary'] != binary:
         kind = lambda shape, b: 'x'.join(map(str, shape)) + (' binary' if b else '')
         raise ValueError(f"{name} images are {kind(got, info['binary'])}, the model takes {kind(want, binary)} "

@@ -196,6 +196,7 @@ def main(argv=None):
     chunk = args.iw_chunk or max(1, min(args.iw, 128 // config['batch_size']))
     vae = model_from_checkpoint(ckpt, args.weights).to(args.device).float()
     info = data.load_run_dataset(config, ckpt.get('dataset'))   # the run's split and normalisation
+    data.check_fits(info, config, config['dataset'])
     nelbo, kl, nll = evaluate(vae, info[args.split], info, config, torch.device(args.device),
                               args.max_batches, args.iw, chunk)
     dims = config['image_channels'] * (config['image_size'] - 2 * config['pad']) ** 2

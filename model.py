@@ -479,10 +479,15 @@ def load_checkpoint(path, map_location='cpu'):
     if wrong:
         raise ValueError(f'{path}: weights do not match its config ({len(wrong)} tensors differ, e.g. {wrong[0]})')
     for weights in ('model', 'ema'):   # training never saves a non-finite weight (such updates are skipped)
-        bad = [k for k, t in (ckpt.get(weights) or {}).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = nonfinite(ckpt.get(weights) or {})
         if bad:
             raise ValueError(f'{path}: {len(bad)} {weights} tensors hold NaN or inf, e.g. {bad[0]}')
     return ckpt
+
+
+def nonfinite(state):
+    """The names of a state dict's tensors that hold NaN or inf."""
+    return [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def model_from_checkpoint(ckpt, weights='ema'):

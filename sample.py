@@ -131,6 +131,7 @@ def main(argv=None):
     vae = model_from_checkpoint(ckpt, args.weights).to(args.device).eval()
     if args.recon_layers is not None or args.layers_figure:   # the run's split and normalisation
         info = data.load_run_dataset(config, ckpt.get('dataset'))
+        data.check_fits(info, config, config['dataset'])
     torch.manual_seed(args.seed)
     if args.recon_layers is not None:
         if not 0 <= args.recon_layers <= n_layers(vae):

@@ -579,6 +579,9 @@ def agreed_checkpoint(out_dir, required):
 def resume_config(config, args, path):
     """The checkpoint at path and its config; flags may change run and recipe keys only."""
     ckpt = load_checkpoint(path)
+    if not {'optimizer', 'data', 'rng', 'counts'} <= set(ckpt):
+        raise ValueError(f'{path} holds weights only (convert.py writes such files), not a training state that '
+                         '--resume can continue')
     saved = {**{k: BASE[k] for k in RUN_KEYS if k in BASE}, **ckpt['config']}
     given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
     clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))

@@ -406,3 +406,25 @@ def test_convert_refuses_weights_that_do_not_fit_the_preset(tmp_path):
     p = run('convert.py', tmp_path / 'official.th', '--preset', 'cifar10', '-o', tmp_path / 'x.pt', check=False)
     assert 'does not fit the cifar10 preset' in error_line(p)
     assert not (tmp_path / 'x.pt').exists()
+
+
+def test_convert_refuses_nan_weights_and_an_output_it_would_replace_before_the_work(tmp_path):
+    ref = torch.load(REFERENCE, weights_only=True)
+    source = tmp_path / 'official.th'
+    torch.save(ref['state_dict'], source)
+    before = source.read_bytes()
+    for out, words in [(source, 'already exists'), (tmp_path, 'is a folder'), (tmp_path / 'no' / 'x.pt', 'does not exist')]:
+        assert words in error_line(run('convert.py', source, *REFERENCE_FLAGS, '-o', out, check=False))
+    assert source.read_bytes() == before and sorted(tmp_path.iterdir()) == [source]
+    state = dict(ref['state_dict'])
+    state['encoder.in_conv.weight'] = state['encoder.in_conv.weight'] * float('nan')
+    torch.save(state, tmp_path / 'nan.th')
+    line = error_line(run('convert.py', tmp_path / 'nan.th', *REFERENCE_FLAGS, '-o', tmp_path / 'x.pt', check=False))
+    assert 'hold NaN or inf' in line and 'encoder.in_conv.weight' in line and not (tmp_path / 'x.pt').exists()
+    # a converted file holds weights, not a training state: --resume says so in one line
+    run('convert.py', source, *REFERENCE_FLAGS, '-o', tmp_path / 'x.pt')
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'x.pt').rename(tmp_path / 'run' / 'ckpt-00000000.pt')
+    p = run('train.py', *REFERENCE_FLAGS, '--data_root', real_data(), '--no_download', '--out_dir', tmp_path / 'run',
+            '--resume', check=False)
+    assert 'holds weights only' in error_line(p)
