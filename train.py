@@ -608,6 +608,9 @@ class StopSignal:
 # -----------------------------------------------------------------------------
 
 def log(record, path):
+    """One JSON line; NaN and inf (not JSON) are written as null."""
+    finite = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None
+    record = {k: [finite(x) for x in v] if isinstance(v, list) else finite(v) for k, v in record.items()}
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
@@ -753,15 +756,17 @@ def per_image(run, nats_per_dim):
 
 
 def log_window(run, window, seconds, minutes):
-    """One log line and one log.jsonl record: the means of the steps since the last one."""
+    """One log line and one log.jsonl record: the means of the steps since the last one (a step
+    whose loss was not finite, skipped and counted, is left out of them)."""
     config, spe, step = run.config, run.batches.steps_per_epoch, run.step
-    mean = {k: sum(s[k] for s in window) / len(window) for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
+    good = [s for s in window if math.isfinite(s['elbo'])] or window
+    mean = {k: sum(s[k] for s in good) / len(good) for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
     bad_images = all_mean(torch.tensor([float(getattr(run.batches, 'skipped', 0))], device=run.device)).item() * run.world
     rec = dict(step=step, elbo_bpd=mean['elbo'] / math.log(2), distortion_bpd=mean['distortion'] / math.log(2),
                rate_bpd=mean['rate'] / math.log(2), grad_norm=mean['grad_norm'], skipped=run.counts['skipped'],
                lr=get_lr(step - 1, config, spe), kl_weight=window[-1]['kl_weight'],
                images_per_s=len(window) * config['batch_size'] * run.world / seconds, minutes=minutes,
-               kl_per_layer=[sum(s['kl'][i] for s in window) / len(window) for i in range(len(window[0]['kl']))])
+               kl_per_layer=[sum(s['kl'][i] for s in good) / len(good) for i in range(len(good[0]['kl']))])
     if bad_images:
         rec['unreadable_images'] = round(bad_images)
     eta = (config['max_steps'] - step) * seconds / len(window)

@@ -4,6 +4,7 @@ checkpoints or image files are refused or skipped with a clear message. Faults c
 tests/faults.py (train.py with faults switched on by the environment)."""
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -124,6 +125,11 @@ def test_nan_loss_and_inf_gradient_are_skipped_and_counted_in_one_process(fake_c
     ref, bad = latest(tmp_path / 'ref'), latest(tmp_path / 'bad')
     assert bad['counts']['skipped'] == 2 and bad['counts']['updates'] == 1
     assert_close(ref['model'], bad['model'], atol=0)
+    # the log stays strict JSON, and a window's means leave the NaN step out
+    def strict(constant):
+        raise ValueError(f'{constant} is not JSON')
+    records = [json.loads(l, parse_constant=strict) for l in (tmp_path / 'bad' / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records] == [2, 3] and all(math.isfinite(r['elbo_bpd']) for r in records)
 
 
 def test_checkpoint_whose_weights_do_not_match_its_config_is_refused(fake_cifar, tmp_path):
