@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 INK, GRID, BAR = (30, 30, 30), (225, 225, 225), (70, 110, 180)
 # a dark-to-light colour scale (navy, purple, magenta, orange, pale yellow): brighter = more KL
 SCALE_ANCHORS = np.array([(20, 20, 60), (75, 30, 125), (170, 50, 110), (235, 115, 50), (250, 235, 130)], float)
+MAX_TEXT_WIDTH = 1600   # a title or subtitle widens a figure up to this many pixels, no further
 
 
 # -----------------------------------------------------------------------------
@@ -99,10 +100,22 @@ def fmt(v):
     return f'{v:.1f}' if abs(v) >= 1 else f'{v:.2f}'
 
 
+def shorten(draw, s, f, room):
+    """s, or its start and '...' if it is wider than room pixels."""
+    if text_size(draw, s, f)[0] <= room:
+        return s
+    s = s[:int(len(s) * room / text_size(draw, s, f)[0])]   # about the right length, then trim
+    while s and text_size(draw, s + '...', f)[0] > room:
+        s = s[:-1]
+    return s + '...'
+
+
 def canvas(width, height, title, subtitle=''):
-    """A white image with a title (and a smaller subtitle) at the top, widened to fit them
-    -> (image, draw)."""
+    """A white image with a title (and a smaller subtitle) at the top, widened to fit them up to
+    MAX_TEXT_WIDTH pixels (longer ones end in '...') -> (image, draw)."""
     measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    room = max(width, MAX_TEXT_WIDTH) - 40
+    title, subtitle = shorten(measure, title, font(22), room), shorten(measure, subtitle, font(15), room)
     width = max(width, text_size(measure, title, font(22))[0] + 40, text_size(measure, subtitle, font(15))[0] + 40)
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
@@ -194,18 +207,70 @@ def heatmap(matrix, columns, path, title, subtitle='', scale_label='KL (bits per
     return image
 
 
+def parses(line):
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def kl_record(path, n, line):
+    """One line of a log.jsonl -> (step, kl_per_layer) or None for a record without kl_per_layer."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} line {n}: not JSON ({e.msg}); give a run\'s log.jsonl') from None
+    if not isinstance(rec, dict):
+        what = {list: 'a list', str: 'a string', type(None): 'null'}.get(type(rec), 'a number')
+        raise ValueError(f'{path} line {n}: {what}, not a record {{...}}; give a run\'s log.jsonl')
+    if 'kl_per_layer' not in rec:
+        return None
+    kl, step = rec['kl_per_layer'], rec.get('step')
+    number = lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool)   # null: train.py's NaN
+    if not isinstance(kl, list) or not kl or not all(number(v) for v in kl):
+        raise ValueError(f'{path} line {n}: kl_per_layer must be a non-empty list of numbers, not {str(kl)[:40]}')
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise ValueError(f'{path} line {n}: a record with kl_per_layer needs an integer step, not {step!r}')
+    return step, kl
+
+
 def read_kl_log(path):
-    """The training records of a log.jsonl that carry kl_per_layer -> (steps, (L, T) KL in bits/image)."""
-    steps, kls = [], []
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if 'kl_per_layer' in rec:
-                steps.append(rec['step'])
-                kls.append(rec['kl_per_layer'])
+    """The training records of a log.jsonl that carry kl_per_layer -> (steps, (L, T) KL in bits/image).
+    A cut last line (a run killed mid-write) and records with a NaN, infinite or null KL (a window
+    of skipped steps) are left out with a note on stderr; any other bad line is an error naming it."""
+    if os.path.isdir(path):
+        raise ValueError(f'{path} is a folder; give a run\'s log.jsonl')
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f'{path} is not a text file (a checkpoint or an image?); give a run\'s log.jsonl') from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    steps, kls, bad = [], [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if n == len(lines) and line.lstrip().startswith('{') and not parses(line):   # cut short mid-write
+            print(f'note: {path} line {n} is cut short (a run stopped mid-write?): skipped', file=sys.stderr)
+            break
+        rec = kl_record(path, n, line)
+        if rec is None:
+            continue
+        if not all(v is not None and math.isfinite(v) for v in rec[1]):
+            bad.append(rec[0])
+            continue
+        if kls and len(rec[1]) != len(kls[0]):
+            raise ValueError(f'{path} line {n}: {len(rec[1])} layers in kl_per_layer, the records before had {len(kls[0])}')
+        steps.append(rec[0])
+        kls.append(rec[1])
+    if bad:
+        print(f'note: {path}: skipped {len(bad)} record(s) with a NaN or infinite kl_per_layer (steps '
+              f'{", ".join(map(str, bad[:5]))}{", ..." if len(bad) > 5 else ""})', file=sys.stderr)
     if not kls:
-        raise ValueError(f'{path}: no records with kl_per_layer')
-    return steps, np.array(kls).T / math.log(2)      # nats -> bits
+        raise ValueError(f'{path}: no records with {"finite " if bad else ""}kl_per_layer')
+    return steps, np.array(kls, float).T / math.log(2)      # nats -> bits
 
 
 def kl_heatmap(log_path, out, share=False, title=None, vmax=None):
@@ -250,8 +315,9 @@ def main(argv=None):
     h.add_argument('--title', help='default: names the log file')
     h.add_argument('--vmax', type=float, help='top of the colour scale (default: the largest value)')
     args = p.parse_args(argv)
-    if args.vmax is not None and args.vmax <= 0:
-        raise ValueError(f'--vmax must be positive, not {args.vmax}')
+    if args.vmax is not None and not (math.isfinite(args.vmax) and args.vmax > 0):
+        raise ValueError(f'--vmax must be a finite positive number, not {args.vmax}')
+    check_out(args.out, '--out', image=True)   # before reading the log
     image = kl_heatmap(args.log, args.out, args.share, args.title, args.vmax)
     print(f'wrote {args.out} ({image.width}x{image.height})')
 
@@ -259,5 +325,5 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (ValueError, OSError) as e:   # bad input, an unreadable log, an unwritable output: one line
         sys.exit(f'error: {e}')

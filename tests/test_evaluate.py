@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -291,3 +292,81 @@ def test_layers_figure_has_one_row_per_k_and_the_test_image_first(trained, tmp_p
     assert len(rows) == 3 and all(r.shape == (4, 3, 32, 32) for r in rows) and len(labels) == 3
     assert all(torch.equal(r[0], info['test'][0]) for r in rows)            # column 1: the test image
     assert Image.open(out).size[1] > 3 * 34
+
+
+def kl_log(tmp_path, lines, name='log.jsonl'):
+    path = tmp_path / name
+    path.write_text(''.join(l + '\n' for l in lines))
+    return path
+
+
+GOOD = '{"step": 1, "kl_per_layer": [1.0, 2.0]}'
+
+
+@pytest.mark.parametrize('content, words', [
+    (['3'], 'line 1: a number, not a record'),                                        # was: TypeError
+    (['{"step": 1, "kl_per_layer": []}'], 'line 1: kl_per_layer must be a non-empty list'),   # ZeroDivisionError
+    ([GOOD, '{"kl_per_layer": [1.0, 2.0]}'], 'line 2: a record with kl_per_layer needs an integer step'),  # KeyError
+    ([GOOD, '{"step": 2, "kl_per_layer": [1.0]}'], 'line 2: 1 layers in kl_per_layer, the records before had 2'),
+    (['{', ' "unit": "bits/dim",', ' "nelbo": 5.0', '}'], 'line 1: not JSON'),        # evaluate.py --json output
+    (['{"step": 1, "kl_per', GOOD], 'line 1: not JSON'),                              # a cut line, not the last
+    ([GOOD, '{"step": 2, "kl_per_layer": ["a", 1.0]}'], 'line 2: kl_per_layer must be a non-empty list of numbers'),
+])
+def test_a_bad_log_line_is_one_error_naming_the_file_and_line(tmp_path, content, words):
+    log = kl_log(tmp_path, content)
+    with pytest.raises(ValueError, match=f'{log} {words}'):
+        figures.main(['kl_heatmap', str(log), '--out', str(tmp_path / 'h.png')])
+    assert not (tmp_path / 'h.png').exists()
+
+
+def test_a_folder_checkpoint_or_image_as_the_log_is_one_error_naming_it(tmp_path, trained):
+    png = tmp_path / 'x.png'
+    Image.new('RGB', (4, 4)).save(png)
+    for path, words in [(tmp_path, 'is a folder'), (trained['path'], 'is not a text file'), (png, 'is not a text file')]:
+        assert one_error_line(script('figures.py', 'kl_heatmap', path, '--out', tmp_path / 'h.png')) \
+            .startswith(f'error: {path} {words}')                      # were: IsADirectoryError, 'utf-8' codec ...
+
+
+def test_a_cut_last_line_is_skipped_with_a_note(tmp_path, capsys):
+    log = tmp_path / 'log.jsonl'
+    log.write_text(GOOD + '\n' + GOOD.replace('1,', '2,') + '\n{"step": 3, "kl_per_la')   # killed mid-write
+    steps, bits = figures.read_kl_log(log)
+    assert steps == [1, 2] and bits.shape == (2, 2)
+    assert f'{log} line 3 is cut short' in capsys.readouterr().err
+    figures.main(['kl_heatmap', str(log), '--out', str(tmp_path / 'h.png')])
+    assert Image.open(tmp_path / 'h.png').size[0] >= 700
+
+
+def test_records_with_a_nan_kl_are_skipped_with_a_note_and_all_nan_is_an_error(tmp_path, capsys):
+    log = kl_log(tmp_path, [GOOD, '{"step": 2, "kl_per_layer": [NaN, 1.0]}', '{"step": 3, "kl_per_layer": [1.0, 3.0]}',
+                            '{"step": 4, "kl_per_layer": [null, 1.0]}'])   # null: what train.py now writes for NaN
+    steps, bits = figures.read_kl_log(log)                              # was: cannot convert float NaN to integer
+    assert steps == [1, 3] and np.isfinite(bits).all()
+    assert 'skipped 2 record(s) with a NaN or infinite kl_per_layer (steps 2, 4)' in capsys.readouterr().err
+    log = kl_log(tmp_path, ['{"step": 2, "kl_per_layer": [NaN, 1.0]}'], 'nan.jsonl')
+    with pytest.raises(ValueError, match='no records with finite kl_per_layer'):
+        figures.read_kl_log(log)
+
+
+@pytest.mark.parametrize('vmax', ['inf', 'nan', '0', '-1'])
+def test_vmax_must_be_finite_and_positive(tmp_path, vmax):
+    log = kl_log(tmp_path, [GOOD])
+    with pytest.raises(ValueError, match=f'--vmax must be a finite positive number, not {vmax}'):   # inf: OverflowError
+        figures.main(['kl_heatmap', str(log), '--vmax', vmax, '--out', str(tmp_path / 'h.png')])
+
+
+def test_kl_heatmap_checks_out_before_reading_the_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(figures, 'read_kl_log', lambda path: pytest.fail('read the log before checking --out'))
+    out = tmp_path / 'nodir' / 'x.png'
+    with pytest.raises(ValueError, match=f'--out {out}: the folder .* does not exist'):   # was: names x.tmp.png, after the work
+        figures.main(['kl_heatmap', str(kl_log(tmp_path, [GOOD])), '--out', str(out)])
+
+
+def test_a_long_title_is_shortened_not_a_huge_image(tmp_path):
+    log = kl_log(tmp_path, [GOOD])
+    image = figures.kl_heatmap(log, tmp_path / 'h.png', title='x' * 3000)   # was 33,041 pixels wide
+    assert image.width <= figures.MAX_TEXT_WIDTH
+    measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    title = figures.shorten(measure, 'x' * 3000, figures.font(22), 500)
+    assert title.endswith('...') and figures.text_size(measure, title, figures.font(22))[0] <= 500
+    assert figures.shorten(measure, 'short', figures.font(22), 500) == 'short'
