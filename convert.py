@@ -55,13 +55,7 @@ def main(argv=None):
     if os.path.lexists(args.out):
         raise ValueError(f'{args.out} already exists: remove it or choose another -o')
     ckpt = convert(args.state_dict, config)
-    tmp = args.out + '.tmp'
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    figures.write_atomic(args.out, lambda tmp: torch.save(ckpt, tmp))
     n = sum(t.numel() for t in ckpt['model'].values())
     print(f"wrote {args.out}: {config['preset']} preset, {n:,} parameters from {args.state_dict}")
 
