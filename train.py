@@ -814,19 +814,20 @@ def main(argv=None):
             run.device, stop.name is not None, config['max_minutes'] and minutes >= config['max_minutes'],
             (config['save_every'] and run.step % config['save_every'] == 0)
             or (config['save_every_minutes'] > 0 and time.time() - t_save >= 60 * config['save_every_minutes']))
-        done = (run.step >= config['max_steps'] or (config['epochs'] and run.step >= config['epochs'] * spe)
-                or out_of_time or signalled)
+        finished = run.step >= config['max_steps'] or (config['epochs'] and run.step >= config['epochs'] * spe)
+        done = finished or out_of_time or signalled
         if run.step % config['log_every'] == 0 or done:
             log_window(run, window, time.time() - t_log, minutes)
             window, t_log = [], time.time()
-        if config['eval_every'] and run.step % config['eval_every'] == 0 and not done:
-            log_eval(run)
-            t_log = time.time()
         if done or save_due:
             path = save(run)
             run.print0(f'saved {path}' if not signalled else f'{stop.name or "a signal to another rank"}: stopped '
                        f'after step {run.step}, saved {path}; continue with --resume', flush=True)
             t_save = time.time()
+        # every eval_every steps and at the end of training; not when out of time or signalled
+        if config['eval_every'] and (run.step % config['eval_every'] == 0 or finished) and not (out_of_time or signalled):
+            log_eval(run)
+            t_log = time.time()
         if done:
             break
     if dist.is_initialized():

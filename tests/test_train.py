@@ -1,6 +1,7 @@
 """train.py, sample.py and evaluate.py as a user runs them: end to end on the real CIFAR-10 files,
 exact resume, and a one-line error for every kind of bad input."""
 import gc
+import json
 import math
 import sys
 import weakref
@@ -45,6 +46,13 @@ def test_end_to_end_on_real_cifar10_train_resume_sample_evaluate(tmp_path):
 def tiny_run(fake_cifar, out, steps, *extra):
     train.main([*TINY, '--data_root', fake_cifar, '--out_dir', str(out), '--max_steps', str(steps), *extra])
     return load_checkpoint(train.checkpoint_paths(str(out))[-1])
+
+
+def test_eval_every_evaluates_on_its_steps_and_at_the_end_of_training(fake_cifar, tmp_path):
+    tiny_run(fake_cifar, tmp_path, 5, '--eval_every', '2', '--eval_batches', '1')
+    evals = [r for r in map(json.loads, (tmp_path / 'log.jsonl').read_text().splitlines()) if 'eval_elbo_bpd' in r]
+    assert [r['step'] for r in evals] == [2, 4, 5]
+    assert all(3.0 < r['eval_elbo_bpd'] < 12.0 and r['eval_images'] == 4 for r in evals)
 
 
 def test_resume_is_exact_2n_steps_equal_n_plus_n(fake_cifar, tmp_path):
