@@ -112,7 +112,7 @@ BASE = dict(model='vdvae', bottleneck_multiple=0.25, num_mixtures=10, image_chan
             eval_every=5000, eval_batches=0, save_every=0, save_every_minutes=30.0, keep=2, out_dir='out',
             dtype='fp32', compile=False, channels_last=False, grad_checkpoint=False, tf32=True, deterministic=False,
             schedule_steps_per_epoch=0, lr_first_decay_epochs=0.0, kl_per_epoch=False, loss_per_image=False,
-            sync_bn=False)
+            sync_bn=False, init_from='')
 # flags that only steer this run: a resumed run may change them, the rest must match
 # (batch_size is per process: a run resumed on another number of processes may change it)
 RUN_KEYS = ('data_root', 'download', 'max_steps', 'max_minutes', 'max_skips_in_row', 'log_every',
@@ -149,11 +149,13 @@ def parse_args(argv=None):
     p.add_argument('--channels_last', action='store_const', const=True, help='channels-last memory format')
     p.add_argument('--grad_checkpoint', action='store_const', const=True,
                    help='recompute each layer in the backward pass instead of keeping its activations')
+    p.add_argument('--init_from', help="fine-tune: start a new run from a checkpoint's EMA weights (train.py's or "
+                   "convert.py's); optimiser, schedule and step start afresh")
     # every other hyperparameter of the presets, typed by its default
     for key, value in BASE.items():
         if key not in ('download', 'ema_warmup', 'model', 'optimizer', 'lr_schedule', 'flip', 'dtype', 'compile',
                        'channels_last', 'grad_checkpoint', 'tf32', 'deterministic', 'sync_bn', 'kl_per_epoch',
-                       'loss_per_image'):
+                       'loss_per_image', 'init_from'):
             p.add_argument(f'--{key}', type=type(value))
     for key in ('width', 'zdim', 'enc_blocks', 'dec_blocks', 'image_size', 'lr',
                 'batch_size', 'grad_clip', 'skip_threshold', 'ema_rate'):
@@ -581,7 +583,7 @@ def resume_config(config, args, path):
     ckpt = load_checkpoint(path)
     if not {'optimizer', 'data', 'rng', 'counts'} <= set(ckpt):
         raise ValueError(f'{path} holds weights only (convert.py writes such files), not a training state that '
-                         '--resume can continue')
+                         '--resume can continue: start a new run from it with --init_from')
     saved = {**{k: BASE[k] for k in RUN_KEYS if k in BASE}, **ckpt['config']}
     given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
     clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))
@@ -648,6 +650,8 @@ def setup(args):
     set_precision(config)
     torch.manual_seed(config['seed'])
     model = build(config).to(device)
+    if config.get('init_from') and ckpt is None:   # on resume the checkpoint holds the weights
+        init_weights(model, config, print0)
     if config['grad_checkpoint']:
         model.set_grad_checkpoint(True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -680,6 +684,23 @@ def setup(args):
     if rank == 0:
         trim_log(run.log_path, run.step)
     return run
+
+
+def init_weights(model, config, print0):
+    """--init_from: the checkpoint's EMA weights (a converted official file holds only those) go
+    into the model, and from it into the EMA; the network must be this config's."""
+    path = config['init_from']
+    ckpt = load_checkpoint(path)
+    weights = ckpt.get('ema') or ckpt['model']
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        keys = sorted(set(MODEL_KEYS) | set(nvae.DEFAULTS))
+        differ = [f"{k} {ckpt['config'].get(k)!r} (here {config.get(k)!r})" for k in keys
+                  if ckpt['config'].get(k) != config.get(k)]
+        raise ValueError(f"--init_from {path}: its network is not this run's: {', '.join(differ) or 'other shapes'}; "
+                         f"give its preset ({ckpt['config'].get('preset')}) and model flags")
+    model.load_state_dict(weights)
+    print0(f"weights from {path} (step {ckpt['step']} of a {ckpt['config'].get('preset')} run); "
+           "optimiser and schedule start afresh")
 
 
 def restore(run, ckpt, path):

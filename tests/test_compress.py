@@ -427,4 +427,4 @@ def test_convert_refuses_nan_weights_and_an_output_it_would_replace_before_the_w
     (tmp_path / 'x.pt').rename(tmp_path / 'run' / 'ckpt-00000000.pt')
     p = run('train.py', *REFERENCE_FLAGS, '--data_root', real_data(), '--no_download', '--out_dir', tmp_path / 'run',
             '--resume', check=False)
-    assert 'holds weights only' in error_line(p)
+    assert 'holds weights only' in error_line(p) and '--init_from' in error_line(p)

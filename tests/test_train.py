@@ -66,6 +66,38 @@ def test_resume_is_exact_2n_steps_equal_n_plus_n(fake_cifar, tmp_path):
     assert whole['counts']['updates'] == split['counts']['updates'] == 2 * n
 
 
+def test_init_from_starts_a_new_run_from_a_checkpoints_ema_weights(fake_cifar, tmp_path):
+    source = tiny_run(fake_cifar, tmp_path / 'a', 3)
+    assert not torch.equal(source['model']['encoder.stem.weight'], source['ema']['encoder.stem.weight'])
+    weights_only = tmp_path / 'converted.pt'   # what convert.py writes
+    torch.save({k: source[k] for k in ('format', 'config', 'step', 'model', 'ema')}, weights_only)
+    for i, path in enumerate((train.checkpoint_paths(str(tmp_path / 'a'))[-1], weights_only)):
+        run = train.setup(train.parse_args([*TINY, '--data_root', fake_cifar, '--out_dir', str(tmp_path / f'b{i}'),
+                                            '--init_from', str(path)]))
+        assert run.step == 0 and run.counts['updates'] == 0 and not run.optimizer.state
+        assert_same_tree(run.model.state_dict(), source['ema'])
+        assert_same_tree(run.ema.state_dict(), source['ema'])
+
+
+def test_a_fine_tuning_run_resumes_exactly_and_from_its_own_checkpoint(fake_cifar, tmp_path):
+    tiny_run(fake_cifar, tmp_path / 'a', 2)
+    source = train.checkpoint_paths(str(tmp_path / 'a'))[-1]
+    whole = tiny_run(fake_cifar, tmp_path / 'whole', 4, '--init_from', source)
+    tiny_run(fake_cifar, tmp_path / 'split', 2, '--init_from', source)
+    split = tiny_run(fake_cifar, tmp_path / 'split', 4, '--init_from', source, '--resume')
+    for key in ('model', 'ema', 'optimizer', 'data', 'rng'):
+        assert_same_tree(whole[key], split[key])
+    assert whole['config']['init_from'] == source
+
+
+def test_init_from_another_network_names_what_differs(fake_cifar, tmp_path):
+    tiny_run(fake_cifar, tmp_path / 'a', 1)
+    source = train.checkpoint_paths(str(tmp_path / 'a'))[-1]
+    line = error_line(run('train.py', *TINY, '--width', '32', '--init_from', source, '--out_dir', tmp_path / 'b',
+                          '--dry_run', check=False))
+    assert f'--init_from {source}' in line and 'width 16 (here 32)' in line and 'preset (cpu)' in line
+
+
 def test_a_resumed_run_drops_the_loaded_checkpoint_before_training(fake_cifar, tmp_path, monkeypatch):
     """The checkpoint dict is a second copy of the weights and the optimiser (about 2 GB per rank at
     ImageNet-64 size): no reference to it may outlive the loading."""
