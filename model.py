@@ -362,37 +362,10 @@ class VAE(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# weights of the official code (openai/vdvae) -> hvae
-
-def official_name(name):
-    """Map one parameter name of the official model onto hvae's, e.g.
-    decoder.dec_blocks.3.enc.c2.weight -> decoder.layers.3.posterior.conv2.weight."""
-    name = name.removeprefix('module.')
-    name = re.sub(r'\.c(\d)\.', r'.conv\1.', name)
-    for old, new in (('encoder.in_conv.', 'encoder.stem.'), ('encoder.enc_blocks.', 'encoder.blocks.'),
-                     ('decoder.dec_blocks.', 'decoder.layers.'), ('.enc.', '.posterior.'),
-                     ('.resnet.', '.resblock.'), ('decoder.out_net.out_conv.', 'decoder.head.')):
-        name = name.replace(old, new)
-    return name
-
-
-def load_official_vdvae(vae, state_dict):
-    """Load a state dict of the official code into `vae` (strict: every tensor must match)."""
-    mapped = {}
-    for name, t in state_dict.items():
-        if re.fullmatch(r'(module\.)?decoder\.bias_xs\.\d+', name):   # the starting state of resolution r
-            mapped[f'decoder.state.{t.shape[-1]}'] = t
-        else:
-            mapped[official_name(name)] = t
-    vae.load_state_dict(mapped, strict=True)
-    return vae
-
-
-# -----------------------------------------------------------------------------
 # the official attentive VAE and its NVAE baseline live in nvae.py (their own modules); the config
 # key model='nvae' names them
 
-from nvae import NVAE, official_attentive_config, load_official_attentive  # noqa: E402,F401
+from nvae import NVAE  # noqa: E402
 
 
 def build(config):

@@ -5,6 +5,7 @@ test here is skipped with that reason (the `cuda` marker).
 import pytest
 import torch
 
+import convert
 import model
 import train
 from test_model import SMALL, batch, layer_noise, small_vae
@@ -28,7 +29,7 @@ def test_official_reference_outputs_and_gradients_on_cuda():
     if not REFERENCE.exists():
         pytest.fail(f'reference data not found: looked for {REFERENCE} (set HVAE_DATA)')
     d = torch.load(REFERENCE, weights_only=True)
-    vae = model.load_official_vdvae(model.VAE(d['config']), d['state_dict']).cuda()
+    vae = convert.load_official_vdvae(model.VAE(d['config']), d['state_dict']).cuda()
     x, target = nchw(d['x_in_nhwc']).cuda(), nchw(d['target_nhwc']).cuda()
     out = vae(x, target, eps=[e.cuda() for e in d['eps_posterior']])
     torch.testing.assert_close(out['kl'].cpu(), d['kl_per_layer'], rtol=1e-4, atol=1e-5)
@@ -36,7 +37,7 @@ def test_official_reference_outputs_and_gradients_on_cuda():
     (out['distortion'] + out['rate']).mean().backward()
     names = {n: p for n, p in vae.named_parameters()}
     for official, g in d['grads'].items():
-        name = f'decoder.state.{g.shape[-1]}' if official.startswith('decoder.bias_xs.') else model.official_name(official)
+        name = f'decoder.state.{g.shape[-1]}' if official.startswith('decoder.bias_xs.') else convert.official_name(official)
         torch.testing.assert_close(names[name].grad.cpu(), g, rtol=1e-3, atol=1e-3 * g.abs().max().item() + 1e-8)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import convert  # noqa: E402
 import nvae  # noqa: E402
 from attention import DecoderAttention, EncoderAttention, NonLocalBlock, attend, depth_attention  # noqa: E402
 from conftest import DATA  # noqa: E402
@@ -46,10 +47,10 @@ def reference_run(mode, fixture=REFERENCE.name, device='cpu', dtype=torch.float6
     if not path.exists():
         pytest.fail(f'reference data not found: looked for {path} (set HVAE_DATA)')
     d = dict(np.load(path))
-    config = nvae.official_attentive_config(str(d['config_flags']))
+    config = convert.official_attentive_config(str(d['config_flags']))
     vae = nvae.NVAE(config)
     weights, paths = fixture_weights(d)
-    mapped = nvae.load_official_attentive(vae, weights, paths)
+    mapped = convert.load_official_attentive(vae, weights, paths)
     vae = vae.to(device, dtype).train(mode == 'train')
     get = lambda k: nchw(d[k]).to(device, dtype) if k in d else None   # no log-scale noise: no keys
     x = get('x_scaled_nhwc')
@@ -92,7 +93,7 @@ def test_reference_batchnorm_moving_statistics_after_the_train_pass_match(fixtur
     state = r['vae'].state_dict()
     for key, path in zip(r['d']['bn_stat_names'], r['d']['bn_stat_paths']):
         expected = torch.as_tensor(r['d']['bn_after_train/' + key]).double()
-        assert (state[nvae.hvae_name(path)] - expected).abs().max() < 1e-5 * max(1.0, float(expected.abs().max())), path
+        assert (state[convert.hvae_name(path)] - expected).abs().max() < 1e-5 * max(1.0, float(expected.abs().max())), path
 
 
 @pytest.mark.parametrize('fixture', FIXTURES)
@@ -100,7 +101,7 @@ def test_eval_pass_leaves_the_batchnorm_statistics_alone(fixture):
     r = reference_run('eval', fixture)
     state = r['vae'].state_dict()
     for key, path in zip(r['d']['bn_stat_names'], r['d']['bn_stat_paths']):
-        assert torch.equal(state[nvae.hvae_name(path)], torch.as_tensor(r['d']['w/' + key]).double())
+        assert torch.equal(state[convert.hvae_name(path)], torch.as_tensor(r['d']['w/' + key]).double())
 
 
 def near_zero(path, mode):
@@ -124,7 +125,7 @@ def check_gradients(r, mode, tol=1e-4):
         if not trainable:                 # the depth-wise scales: held at 1, not hvae parameters
             assert name is None
             continue
-        ours, ref = params[name].grad.cpu().double(), nvae.to_torch_layout(name, grads[key]).double()
+        ours, ref = params[name].grad.cpu().double(), convert.to_torch_layout(name, grads[key]).double()
         err = float((ours - ref).norm())
         if near_zero(path, mode):
             assert err < tol * total, path
@@ -192,12 +193,12 @@ def meta_count(config):
 
 def test_paper_attentive_model_has_118974679_trainable_parameters():
     # DeepVAE.count_params' 118,966,422 - the 31 depth-wise scales + the 8,288 model-level LayerNorms
-    assert meta_count(nvae.official_attentive_config(ATTENTIVE_CIFAR)) == 118_974_679
+    assert meta_count(convert.official_attentive_config(ATTENTIVE_CIFAR)) == 118_974_679
     assert meta_count(nvae.DEFAULTS) == 118_974_679
 
 
 def test_paper_nvae_baseline_has_79206420_trainable_parameters():
-    assert meta_count(nvae.official_attentive_config(NVAE_CIFAR)) == 79_206_420
+    assert meta_count(convert.official_attentive_config(NVAE_CIFAR)) == 79_206_420
     assert meta_count(nvae.BASELINE) == 79_206_420
 
 
@@ -205,16 +206,16 @@ def test_omniglot_flags_build_the_official_omniglot_model():
     # DeepVAE.count_params' 7,873,624 (README 7.87M) - 29 depth-wise scales + 13 model-level LayerNorms
     # over 80 channels; exercises merge-cell and postprocess non-local blocks (the upsampling
     # shortcut's without bias), 3 pre/post blocks, no encoder-side LayerNorms, Bernoulli
-    c = nvae.official_attentive_config(OMNIGLOT)
+    c = convert.official_attentive_config(OMNIGLOT)
     assert (c['likelihood'], c['image_channels'], c['enc_layer_norm'], c['dec_layer_norm']) == ('bernoulli', 1, False, True)
     assert meta_count(c) == 7_873_624 - 29 + 13 * 2 * 80
 
 
 def test_flags_of_the_paper_models_give_the_presets():
-    c = nvae.official_attentive_config(ATTENTIVE_CIFAR)
+    c = convert.official_attentive_config(ATTENTIVE_CIFAR)
     for k, v in nvae.DEFAULTS.items():
         assert c.get(k, v) == v, k
-    b = nvae.official_attentive_config(NVAE_CIFAR)
+    b = convert.official_attentive_config(NVAE_CIFAR)
     for k, v in nvae.BASELINE.items():
         assert b.get(k, v) == v, k
 
@@ -523,10 +524,8 @@ def test_top_down_hands_pick_prior_and_posterior_and_uses_its_z():
     torch.testing.assert_close(out['distortion'] * 192, vae.nll(params, x))
 
 
-def test_model_py_reexports_the_official_config_and_loader_and_builds_by_name():
+def test_model_py_builds_either_network_by_name():
     import model
-    assert model.official_attentive_config is nvae.official_attentive_config
-    assert model.load_official_attentive is nvae.load_official_attentive
     with torch.device('meta'):
         assert isinstance(model.build(dict(SMALL)), nvae.NVAE)
         assert model.n_layers(model.build(dict(SMALL))) == 4
@@ -553,8 +552,8 @@ def test_official_flags_hvae_cannot_build_are_refused():
     for flags in ('--encoder_hparams=use_se=True', '--decoder_hparams=nonlocop_hparams=[subsample=True]',
                   '--hparams=num_proc_blocks=2', '--decoder_attention_hparams=key_dim=8,query_dim=4'):
         with pytest.raises(ValueError):
-            nvae.official_attentive_config(flags)
-    nvae.official_attentive_config(ATTENTIVE_CIFAR + ' --train_hparams=num_gpus=4,batch_size=40')   # run flags pass
+            convert.official_attentive_config(flags)
+    convert.official_attentive_config(ATTENTIVE_CIFAR + ' --train_hparams=num_gpus=4,batch_size=40')   # run flags pass
 
 
 @pytest.mark.parametrize('config', [nvae.DEFAULTS, nvae.BASELINE], ids=['attentive', 'baseline'])

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest
 import torch
 
+import convert
 import model
 from test_model import DATA, closed_form_count, n_params
 
@@ -30,7 +31,7 @@ def nchw(t):
 def hvae_name(official, tensor):
     if re.fullmatch(r'decoder\.bias_xs\.\d+', official):
         return f'decoder.state.{tensor.shape[-1]}'
-    return model.official_name(official)
+    return convert.official_name(official)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +41,7 @@ def reference_run():
     if not REFERENCE.exists():
         pytest.fail(f'reference data not found: looked for {REFERENCE} (set HVAE_DATA to the folder holding reference/)')
     d = torch.load(REFERENCE, weights_only=True)
-    vae = model.load_official_vdvae(model.VAE(d['config']), d['state_dict'])
+    vae = convert.load_official_vdvae(model.VAE(d['config']), d['state_dict'])
     x, target = nchw(d['x_in_nhwc']), nchw(d['target_nhwc'])
     out = vae(x, target, eps=d['eps_posterior'])
     elbo = (out['distortion'] + out['rate']).mean()
@@ -103,22 +104,22 @@ def test_official_names_map_onto_hvae_names():
              'decoder.out_net.out_conv.bias': 'decoder.head.bias',
              'decoder.gain': 'decoder.gain'}
     for official, ours in cases.items():
-        assert model.official_name(official) == ours
+        assert convert.official_name(official) == ours
 
 
 def test_load_official_vdvae_accepts_a_module_prefix_and_rejects_missing_misshapen_or_extra_tensors():
     reference = reference_run()
     sd = reference['d']['state_dict']
     config = reference['d']['config']
-    prefixed = model.load_official_vdvae(model.VAE(config), {f'module.{k}': v for k, v in sd.items()})
+    prefixed = convert.load_official_vdvae(model.VAE(config), {f'module.{k}': v for k, v in sd.items()})
     for name, p in prefixed.named_parameters():
         assert torch.equal(p, reference['vae'].state_dict()[name]), name
     missing = {k: v for k, v in sd.items() if k != 'decoder.out_net.out_conv.bias'}
     with pytest.raises(RuntimeError, match='decoder.head.bias'):
-        model.load_official_vdvae(model.VAE(config), missing)
+        convert.load_official_vdvae(model.VAE(config), missing)
     misshapen = {**sd, 'decoder.dec_blocks.4.enc.c1.weight': torch.zeros(8, 64, 3, 3)}
     with pytest.raises(RuntimeError, match=re.escape('decoder.layers.4.posterior.conv1.weight')):
-        model.load_official_vdvae(model.VAE(config), misshapen)
+        convert.load_official_vdvae(model.VAE(config), misshapen)
     extra = {**sd, 'decoder.dec_blocks.99.z_proj.weight': torch.zeros(32, 4, 1, 1)}
     with pytest.raises(RuntimeError, match='decoder.layers.99.z_proj.weight'):
-        model.load_official_vdvae(model.VAE(config), extra)
+        convert.load_official_vdvae(model.VAE(config), extra)
