@@ -24,6 +24,10 @@ CIFAR_MD5 = 'c58f30108f718f92721af3b95e74349a'
 MNIST_URL = 'https://ossci-datasets.s3.amazonaws.com/mnist/'
 MNIST_FILES = ('train-images-idx3-ubyte.gz', 't10k-images-idx3-ubyte.gz')  # labels are not needed
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp')
+# the encoder input (x + shift) * scale as the official code normalises each fixed dataset
+# (openai/vdvae data.py), so that its released weights read their inputs as trained
+NORMALISATION = {'cifar10': (-120.63838, 1 / 64.16736), 'imagenet32': (-116.2373, 1 / 69.37404),
+                 'imagenet64': (-115.92961967, 1 / 69.37404)}
 
 # -----------------------------------------------------------------------------
 # files: download, checksum, split
@@ -333,14 +337,15 @@ def load_dataset(name, data_root, image_size=None, download=True, record=None, f
 def load_fixed(name, root, download):
     if name == 'cifar10':
         train, valid, test = (torch.from_numpy(x) for x in load_cifar10(root, download))
-        return dict(train=train, valid=valid, test=test, shift=-120.63838, scale=1 / 64.16736, binary=False)
+        return dict(train=train, valid=valid, test=test, shift=NORMALISATION[name][0], scale=NORMALISATION[name][1],
+                    binary=False)
     if name == 'mnist':
         train, valid, test = load_mnist(root, download)
         return dict(train=train, valid=valid, test=test, shift=0.0, scale=1.0, binary=True)
     if name in ('imagenet32', 'imagenet64'):
         train, valid, test = load_imagenet(root, int(name[8:]))
-        shift, scale = moments(train[i:i + 1000] for i in range(0, min(len(train), 50000), 1000))  # train is shuffled
-        return dict(train=train, valid=valid, test=test, shift=shift, scale=scale, binary=False)
+        return dict(train=train, valid=valid, test=test, shift=NORMALISATION[name][0], scale=NORMALISATION[name][1],
+                    binary=False)
     raise ValueError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
 
 def load_run_dataset(config, record=None, download=False):
@@ -351,11 +356,18 @@ def load_run_dataset(config, record=None, download=False):
 def check_fits(info, config, name):
     # the model's input against the dataset's images, in one line before any work: a model of
     # another preset would fail deep inside a convolution, or score 0/1 pixels as colour levels
+    check_shape(tuple(info['test'].shape[1:]), info['binary'], config, name)
+
+# the images of the fixed-size datasets, (C, H, W) and binary: for a check without the files (convert.py)
+IMAGE_SHAPES = {'cifar10': ((3, 32, 32), False), 'mnist': ((1, 28, 28), True),
+                'imagenet32': ((3, 32, 32), False), 'imagenet64': ((3, 64, 64), False)}
+
+def check_shape(got, got_binary, config, name):
     S, pad, binary = config['image_size'], config.get('pad', 0), config.get('likelihood', 'dmol') == 'bernoulli'
-    want, got = (config.get('image_channels', 3), S - 2 * pad, S - 2 * pad), tuple(info['test'].shape[1:])
-    if got != want or info['binary'] != binary:
+    want = (config.get('image_channels', 3), S - 2 * pad, S - 2 * pad)
+    if got != want or got_binary != binary:
         kind = lambda shape, b: 'x'.join(map(str, shape)) + (' binary' if b else '')
-        raise ValueError(f"{name} images are {kind(got, info['binary'])}, the model takes {kind(want, binary)} "
+        raise ValueError(f"{name} images are {kind(got, got_binary)}, the model takes {kind(want, binary)} "
                          "(image_channels x image_size - 2 pad, likelihood): use the dataset's preset")
 
 def dataset_record(info, data_root):

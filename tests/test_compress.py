@@ -428,3 +428,18 @@ def test_convert_refuses_nan_weights_and_an_output_it_would_replace_before_the_w
     p = run('train.py', *REFERENCE_FLAGS, '--data_root', real_data(), '--no_download', '--out_dir', tmp_path / 'run',
             '--resume', check=False)
     assert 'holds weights only' in error_line(p) and '--init_from' in error_line(p)
+
+
+def test_convert_refuses_run_flags_and_a_dataset_the_model_cannot_read_before_the_work(tmp_path):
+    import convert
+    source = tmp_path / 'official.th'
+    torch.save(torch.load(REFERENCE, weights_only=True)['state_dict'], source)
+    for flags, words in [(['--lr', '1e-3'], '--lr steers a run'), (['--max_steps', '5'], '--max_steps steers a run'),
+                         (['--resume'], '--resume steers a run'),
+                         (['--dataset', 'mnist'], 'mnist images are 1x28x28 binary, the model takes 3x32x32')]:
+        with pytest.raises(ValueError, match=words):
+            convert.main([str(source), *REFERENCE_FLAGS, *flags, '-o', str(tmp_path / 'x.pt')])
+    assert sorted(tmp_path.iterdir()) == [source]
+    convert.main([str(source), *REFERENCE_FLAGS, '--data_root', 'elsewhere', '--no_download', '-o', str(tmp_path / 'x.pt')])
+    config = torch.load(tmp_path / 'x.pt', weights_only=True)['config']
+    assert config['data_root'] == 'elsewhere' and config['download'] is False and config['width'] == 32
