@@ -647,6 +647,9 @@ def setup(args):
         raise ValueError('--dtype fp16 needs a CUDA device (autocast with a gradient scaler); use bf16 or fp32 on CPU')
     if config['sync_bn'] and device.type != 'cuda':
         raise ValueError('--sync_bn needs CUDA devices (torch.nn.SyncBatchNorm); on CPU each process keeps its own batch statistics')
+    if config['dtype'] == 'bf16' and device.type == 'cpu' and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print0('note: this CPU has no bf16 instructions (AVX-512 BF16 or AMX): --dtype bf16 runs 3-5x slower '
+               'than fp32 here (README, Performance)')
     set_precision(config)
     torch.manual_seed(config['seed'])
     model = build(config).to(device)
