@@ -190,7 +190,7 @@ def main(argv=None):
     png = args.kl_png if args.kl_png is not None else f'{os.path.splitext(args.checkpoint)[0]}-kl-{args.split}.png'
     for path, flag, image in ((png, '--kl_png', True), (args.json, '--json', False)):   # before the work
         if path:
-            figures.check_out(path, flag, image)
+            figures.check_out(path, flag, image, source=args.checkpoint)
     config = dict(ckpt['config'])
     config.update({k: v for k, v in (('data_root', args.data_root), ('batch_size', args.batch_size)) if v})
     chunk = args.iw_chunk or max(1, min(args.iw, 128 // config['batch_size']))

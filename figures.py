@@ -26,10 +26,12 @@ MAX_TEXT_WIDTH = 1600   # a title or subtitle widens a figure up to this many pi
 # -----------------------------------------------------------------------------
 # shared helpers
 
-def check_out(path, flag='--out', image=False):
+def check_out(path, flag='--out', image=False, source=None):
     """Refuse, before any work, an output path we could not write: its folder missing, a folder
-    itself, or (image=True) an extension Pillow cannot write."""
+    itself, (image=True) an extension Pillow cannot write, or the input file `source` itself."""
     folder = os.path.dirname(os.path.abspath(path))
+    if source is not None and os.path.isfile(path) and os.path.isfile(source) and os.path.samefile(path, source):
+        raise ValueError(f'{flag} {path} is the input {source}: writing it would destroy it')
     if not os.path.isdir(folder):
         raise ValueError(f'{flag} {path}: the folder {folder} does not exist')
     if os.path.isdir(path):

@@ -123,7 +123,7 @@ def main(argv=None):
     p.add_argument('--out', default='samples.png')
     args = p.parse_args(argv)
     check_args(args)
-    figures.check_out(args.out, image=True)
+    figures.check_out(args.out, image=True, source=args.checkpoint)
     args.device = get_device(args.device)
     temperature = args.temperature or [0.6 if args.layers_figure else 1.0]
     ckpt = load_checkpoint(args.checkpoint, map_location=args.device)

@@ -806,12 +806,13 @@ def log_window(run, window, seconds, minutes):
 
 def log_eval(run):
     """The EMA model's negative ELBO on the validation split (the test split if there is none)."""
-    split = run.info['valid'] if len(run.info['valid']) else run.info['test']
-    nelbo, _ = evaluate(run.ema, split, run.info, run.config, run.device, run.config['eval_batches'])
+    name = 'valid' if len(run.info['valid']) else 'test'
+    nelbo, _ = evaluate(run.ema, run.info[name], run.info, run.config, run.device, run.config['eval_batches'])
     run.print0(f"step {run.step} | eval (EMA) elbo {nelbo.mean() / math.log(2):.4f} bpd{per_image(run, nelbo.mean())} "
-               f"on {len(nelbo)} images")
+               f"on {len(nelbo)} {name} images")
     if run.rank == 0:
-        log(dict(step=run.step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo)), run.log_path)
+        log(dict(step=run.step, eval_elbo_bpd=nelbo.mean().item() / math.log(2), eval_images=len(nelbo),
+                 eval_split=name), run.log_path)
 
 
 def main(argv=None):

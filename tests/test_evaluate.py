@@ -370,3 +370,17 @@ def test_a_long_title_is_shortened_not_a_huge_image(tmp_path):
     title = figures.shorten(measure, 'x' * 3000, figures.font(22), 500)
     assert title.endswith('...') and figures.text_size(measure, title, figures.font(22))[0] <= 500
     assert figures.shorten(measure, 'short', figures.font(22), 500) == 'short'
+
+
+def test_evaluate_and_sample_refuse_to_write_over_their_checkpoint(trained, tmp_path):
+    import sample
+    ckpt = tmp_path / 'ckpt.png'   # a checkpoint under an image name: sample.py's --out could be it
+    ckpt.write_bytes(Path(trained['path']).read_bytes())
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match='is the input'):
+        evaluate.main([str(ckpt), '--max_batches', '1', '--kl_png', '', '--json', str(ckpt)])
+    with pytest.raises(ValueError, match='is the input'):
+        evaluate.main([str(ckpt), '--max_batches', '1', '--kl_png', str(ckpt)])
+    with pytest.raises(ValueError, match='is the input'):
+        sample.main([str(ckpt), '--n', '1', '--out', str(ckpt)])
+    assert ckpt.read_bytes() == before

@@ -52,7 +52,7 @@ def test_eval_every_evaluates_on_its_steps_and_at_the_end_of_training(fake_cifar
     tiny_run(fake_cifar, tmp_path, 5, '--eval_every', '2', '--eval_batches', '1')
     evals = [r for r in map(json.loads, (tmp_path / 'log.jsonl').read_text().splitlines()) if 'eval_elbo_bpd' in r]
     assert [r['step'] for r in evals] == [2, 4, 5]
-    assert all(3.0 < r['eval_elbo_bpd'] < 12.0 and r['eval_images'] == 4 for r in evals)
+    assert all(3.0 < r['eval_elbo_bpd'] < 12.0 and r['eval_images'] == 4 and r['eval_split'] == 'valid' for r in evals)
 
 
 def test_resume_is_exact_2n_steps_equal_n_plus_n(fake_cifar, tmp_path):
