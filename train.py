@@ -188,6 +188,9 @@ def check_config(config):
     for key in ('save_every', 'save_every_minutes', 'keep', 'eval_every', 'eval_batches', 'max_minutes'):
         if config[key] < 0:   # 0 turns it off (keep: all checkpoints, eval_batches: the whole split)
             raise ValueError(f'--{key} must be 0 (off) or more, not {config[key]}')
+    if config['model'] == 'vdvae' and int(config['width'] * config['bottleneck_multiple']) < 1:
+        raise ValueError(f"--width {config['width']} x --bottleneck_multiple {config['bottleneck_multiple']} leaves the "
+                         "residual blocks no channels: need at least 1")
     if config['lr'] <= 0 or not 0 <= config['ema_rate'] < 1:
         raise ValueError(f"need lr > 0 and 0 <= ema_rate < 1 (got lr {config['lr']}, ema_rate {config['ema_rate']})")
     return config
@@ -585,7 +588,7 @@ def resume_config(config, args, path):
         raise ValueError(f'{path} holds weights only (convert.py writes such files), not a training state that '
                          '--resume can continue: start a new run from it with --init_from')
     saved = {**{k: BASE[k] for k in RUN_KEYS if k in BASE}, **ckpt['config']}
-    given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks'} if args.depth else set())
+    given = {k for k, v in vars(args).items() if v is not None} | ({'dec_blocks', 'num_layers'} if args.depth else set())
     clash = [f'{k}={saved.get(k)!r} (flag: {config[k]!r})' for k in sorted(given & set(config))
              if k not in RUN_KEYS + RECIPE_KEYS and saved.get(k) != config[k]]
     if clash:

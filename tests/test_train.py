@@ -374,3 +374,16 @@ def test_keep_freed_memory_puts_large_activations_in_the_reused_heap():
                                       capture_output=True, text=True, check=True).stdout.strip()
     assert run('default') == 'False'
     assert run('keep') == 'True'
+
+
+def test_a_width_that_leaves_the_blocks_no_channels_is_refused_in_the_config():
+    with pytest.raises(ValueError, match='leaves the residual blocks no channels'):
+        train.make_config(train.parse_args(['--preset', 'cpu', '--width', '3']))   # was a conv traceback after loading data
+    assert train.make_config(train.parse_args(['--preset', 'cpu', '--width', '4']))['width'] == 4
+
+
+def test_resume_with_another_depth_of_the_attentive_model_names_the_mismatch(fake_cifar, tmp_path):
+    flags = ['--preset', 'nvae_cpu', '--batch_size', '2', '--data_root', fake_cifar, '--out_dir', str(tmp_path)]
+    train.main([*flags, '--max_steps', '1'])
+    with pytest.raises(ValueError, match='another configuration: num_layers=4'):   # was: --depth silently ignored
+        train.main([*flags, '--max_steps', '2', '--depth', '2', '--resume'])
