@@ -825,9 +825,12 @@ def main(argv=None):
     config, spe, stop = run.config, run.batches.steps_per_epoch, StopSignal()
     run.t_start = t_log = t_save = time.time()
     window = []
-    if run.step >= config['max_steps']:
-        run.print0(f"nothing to train: the run is at step {run.step} and --max_steps is {config['max_steps']}")
-    while run.step < config['max_steps']:
+    spent = config['max_minutes'] and run.counts['elapsed'] / 60 >= config['max_minutes']   # --max_minutes is the job's
+    if run.step >= config['max_steps'] or spent:
+        run.print0(f"nothing to train: the run is at step {run.step} and --max_steps is {config['max_steps']}" if not spent
+                   else f"nothing to train: the run has used its --max_minutes {config['max_minutes']:g} "
+                        f"({run.counts['elapsed'] / 60:.1f} minutes); give --max_minutes 0 (no limit) or more to go on")
+    while run.step < config['max_steps'] and not spent:
         for group in run.optimizer.param_groups:
             group['lr'] = get_lr(run.step, config, spe)
         stats, skipped = train_step(run.ddp, run.optimizer, run.batches.next(), run.info, config,

@@ -387,3 +387,13 @@ def test_resume_with_another_depth_of_the_attentive_model_names_the_mismatch(fak
     train.main([*flags, '--max_steps', '1'])
     with pytest.raises(ValueError, match='another configuration: num_layers=4'):   # was: --depth silently ignored
         train.main([*flags, '--max_steps', '2', '--depth', '2', '--resume'])
+
+
+def test_a_resumed_run_whose_max_minutes_are_used_says_so_and_trains_nothing(fake_cifar, tmp_path, capsys):
+    tiny_run(fake_cifar, tmp_path, 10, '--max_minutes', '0.0001')                 # out of time after step 1
+    assert [Path(p).name for p in train.checkpoint_paths(str(tmp_path))] == ["ckpt-00000001.pt"]
+    capsys.readouterr()
+    tiny_run(fake_cifar, tmp_path, 10, '--resume')                                # was: one more step, saved
+    assert 'nothing to train: the run has used its --max_minutes 0.0001' in capsys.readouterr().out
+    assert [Path(p).name for p in train.checkpoint_paths(str(tmp_path))] == ["ckpt-00000001.pt"]
+    assert tiny_run(fake_cifar, tmp_path, 3, '--resume', '--max_minutes', '0')['step'] == 3
